@@ -1,0 +1,22 @@
+"""attnfx: compiler-level instrumentation of attention heads.
+
+    im = attnfx.instrument(model)
+    im.steering.scale(layer=3, head=5, factor=4.0, on="value_unbiased")
+    with im.record("z") as rec:
+        im(input_ids)
+"""
+from . import errors
+from .api import FinalNormInfo, InstrumentedModel, SiteInfo, instrument
+from .errors import *  # noqa: F401,F403  (typed errors are part of the public surface)
+from .sites import PATTERNS
+
+__all__ = ["instrument", "InstrumentedModel", "SiteInfo", "FinalNormInfo", "PATTERNS", "errors",
+           "head_attribution"]
+__version__ = "0.1.0"
+
+
+def __getattr__(name):
+    if name == "head_attribution":
+        from .analysis.attribution import head_attribution
+        return head_attribution
+    raise AttributeError(name)

@@ -1,0 +1,1 @@
+"""Analyses built on the instrumented graph: head attribution (DLA), later relevance and patching."""

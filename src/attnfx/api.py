@@ -1,0 +1,391 @@
+"""`instrument(model)`: the model's attention heads become explicit, steerable and recordable
+nodes of its torch.compile graph (DESIGN §1).
+
+The wrapper's traced forward declares the state buffers to dynamo (the marker op) and calls the
+wrapped model's own forward; the shared backend rewrites every captured graph. Each call runs
+inside a call context that collects which sites ran and what they recorded, so a call that
+dynamo ran without our graph (recompile limit, skipped frame) raises instead of returning plain
+outputs. The wrapped model is never modified; its parameters are shared.
+"""
+from __future__ import annotations
+
+import itertools
+import re
+import types
+import weakref
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from .capture.backend import BACKENDS, MODES
+from .capture.context import calling
+from .errors import (AlreadyInstrumentedError, DetachedError, DeviceMismatchError,
+                     InvalidArgumentError, NoAttentionFoundError, NotDiscoveredError,
+                     UninstrumentedExecutionError, UnsupportedModelError)
+from .sites import PATTERNS, example_value
+from .spec import DISCOVER, PLAIN, STEERING_STATE, Spec
+from .unembed import find_final_norm
+
+__all__ = ["instrument", "InstrumentedModel", "SiteInfo", "FinalNormInfo"]
+
+
+@dataclass(frozen=True)
+class SiteInfo:
+    """One instrumented attention computation, as `im.sites` reports it."""
+
+    layer: int
+    module_path: str
+    pattern: str
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    d_model: int | None           # width of the output projection (None: projection not found)
+    causal: bool | None           # declared is_causal; None when an explicit mask decides
+    masked: bool
+    o_proj: str | None            # parameter name of W_O
+    value_bias: str | None        # parameter name of the bias that produces v, if any
+    occurrence: int = 0
+
+
+@dataclass(frozen=True)
+class FinalNormInfo:
+    kind: str                     # "layer_norm" | "rms_norm"
+    eps: float
+    weight: str | None            # parameter names
+    unembed: str
+    unembed_layout: str
+
+
+@dataclass(frozen=True)
+class GraphInfo:
+    sites: tuple[SiteInfo, ...]
+    final_norm: FinalNormInfo | None
+    notes: tuple[str, ...]
+
+
+_LIVE: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
+_TRACED: dict[tuple, types.FunctionType] = {}
+
+
+def instrument(model: nn.Module, *, backend: str | None = None, example_inputs=None,
+               fullgraph: bool = False) -> "InstrumentedModel":
+    """Wrap `model` so its attention heads can be steered and recorded under torch.compile.
+
+    backend: "inductor" (default on CUDA), "eager" (default on CPU: runs the rewritten graph
+    directly) or "aot_eager". example_inputs (a tensor, tuple of args or dict of kwargs) finds the
+    sites now; HF models get a 4-token input by default; otherwise sites are found on the first
+    call.
+    """
+    if isinstance(model, InstrumentedModel):
+        raise AlreadyInstrumentedError("this is already an InstrumentedModel; instrument the original model once")
+    if not isinstance(model, nn.Module):
+        raise UnsupportedModelError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    live = _LIVE.get(model)
+    if live is not None and live() is not None and live()._attached:
+        raise AlreadyInstrumentedError(
+            f"{type(model).__name__} is already instrumented; call .uninstrument() on the first wrapper")
+    mode = _resolve_backend(backend, model)
+    im = InstrumentedModel(model, mode, fullgraph)
+    inputs = example_inputs if example_inputs is not None else _default_example_inputs(model)
+    if inputs is not None:
+        args, kwargs = _as_call(inputs)
+        im._discover(args, kwargs)
+    _LIVE[model] = weakref.ref(im)
+    return im
+
+
+def _resolve_backend(backend, model) -> str:
+    if backend is None:
+        on_cuda = any(p.is_cuda for p in itertools.chain(model.parameters(), model.buffers()))
+        return "inductor" if on_cuda else "eager"
+    if backend not in MODES:
+        raise InvalidArgumentError(f"backend must be one of {MODES}, got {backend!r}")
+    return backend
+
+
+def _model_device(model) -> torch.device:
+    first = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def _default_example_inputs(model):
+    """HF models take input_ids; four tokens are enough to find every site."""
+    is_hf = type(model).__module__.startswith("transformers.") and hasattr(model, "config")
+    if not is_hf or getattr(model, "main_input_name", None) != "input_ids":
+        return None
+    vocab = getattr(model.config, "vocab_size", None) or 4
+    ids = torch.arange(1, 5, device=_model_device(model))[None] % vocab
+    return {"input_ids": ids}
+
+
+def _as_call(inputs) -> tuple[tuple, dict]:
+    if isinstance(inputs, dict):
+        return (), dict(inputs)
+    if isinstance(inputs, tuple):
+        return inputs, {}
+    return (inputs,), {}
+
+
+def _fingerprint(model) -> tuple:
+    """Structure of a model: instances with equal fingerprints can share compiled graphs."""
+    def sig(items):
+        return tuple((n, tuple(t.shape), t.dtype, t.device.type) for n, t in items)
+    return (type(model), sig(model.named_parameters()), sig(model.named_buffers()))
+
+
+def _traced_forward(self, *args, **kwargs):
+    """Template of the traced frame. Each (model structure, spec, backend) gets its own copy of
+    this code object, so dynamo's per-code-object cache (and its recompile limit) is never
+    shared by unrelated models or record modes; instances of one structure share graphs."""
+    torch.ops.attnfx.declare_state([getattr(self, name) for name in self._state_names], self._spec_key)
+    return self._model_forward(*args, **kwargs)
+
+
+def _traced_function(key: tuple) -> types.FunctionType:
+    fn = _TRACED.get(key)
+    if fn is None:
+        code = _traced_forward.__code__.replace(co_name=f"attnfx_traced_{len(_TRACED)}")
+        fn = types.FunctionType(code, _traced_forward.__globals__, code.co_name)
+        _TRACED[key] = fn
+    return fn
+
+
+_INDEX = re.compile(r"\[(\d+)\]")
+
+
+def _module_path(stack_path: str, module_names: set[str]) -> str:
+    """dynamo's "L['self']._model_forward.__self__.model.layers[0].attn" → "model.layers.0.attn"."""
+    parts = _INDEX.sub(r".\1", stack_path).split(".")
+    for start in range(len(parts)):
+        candidate = ".".join(parts[start:])
+        if candidate in module_names:
+            return candidate
+    return ""
+
+
+class InstrumentedModel(nn.Module):
+    """A model whose heads are explicit graph nodes. Call it like the model; steer it through
+    `.steering`, record with `.record(...)`, generate with `.generate(...)`."""
+
+    def __init__(self, model: nn.Module, mode: str, fullgraph: bool):
+        super().__init__()
+        from .steering import Steering
+
+        self.model = model
+        self._mode = mode
+        self._fullgraph = fullgraph
+        self._model_forward = model.forward            # bound before anything could patch it
+        self._fingerprint = _fingerprint(model)
+        self._set_spec(PLAIN)
+        self._sites: tuple[SiteInfo, ...] | None = None
+        self._layer_of: dict[tuple[str, int], int] = {}
+        self._final_norm: FinalNormInfo | None = None
+        self._compiled: dict[str, object] = {}
+        self._recording = None
+        self._attached = True
+        self.steering = Steering(self)
+
+    # ---- public surface -------------------------------------------------------------------
+    @property
+    def sites(self) -> tuple[SiteInfo, ...]:
+        if self._sites is None:
+            raise NotDiscoveredError("sites are found on the first call; call the model once "
+                                     "or pass example_inputs= to attnfx.instrument")
+        return self._sites
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.sites)
+
+    @property
+    def final_norm(self) -> FinalNormInfo | None:
+        self.sites
+        return self._final_norm
+
+    def forward(self, *args, **kwargs):
+        return self._call(args, kwargs)
+
+    def generate(self, *args, **kwargs):
+        """HF generation with steering (and recording) active in prefill and every decode step."""
+        self._check_attached()
+        if not callable(getattr(self.model, "generate", None)):
+            raise UnsupportedModelError(f"{type(self.model).__name__} has no generate()")
+        model = self.model
+        had_own = "forward" in model.__dict__
+        previous = model.__dict__.get("forward")
+
+        def forward(*a, **k):
+            return self._call(a, k)
+
+        model.forward = forward          # generate() calls self(...) → forward; restored below
+        try:
+            return model.generate(*args, **kwargs)
+        finally:
+            if had_own:
+                model.forward = previous
+            else:
+                del model.forward
+
+    def record(self, *kinds, directions=None, heads=None, positions=None):
+        """Context manager: `with im.record("z", "readout", directions=R) as rec: im(x)`."""
+        from .recording import Recording
+
+        self._check_attached()
+        return Recording(self, kinds, directions=directions, heads=heads, positions=positions)
+
+    def uninstrument(self) -> nn.Module:
+        """Detach: the wrapper stops working, the model is returned as it was."""
+        self._check_attached()
+        self._attached = False
+        self._compiled.clear()
+        _LIVE.pop(self.model, None)
+        return self.model
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            model = self._modules.get("model")
+            if name.startswith("_") or model is None:
+                raise
+            return getattr(model, name)
+
+    def extra_repr(self) -> str:
+        return "backend=" + self._mode
+
+    def __repr__(self):
+        if self._sites is None:
+            return f"InstrumentedModel({type(self.model).__name__}, backend={self._mode}, sites not yet found)"
+        return f"InstrumentedModel({type(self.model).__name__}, backend={self._mode})\n" + format_sites(self._sites)
+
+    # ---- calls -----------------------------------------------------------------------------
+    def _check_attached(self):
+        if not self._attached:
+            raise DetachedError("this InstrumentedModel was un-instrumented; call attnfx.instrument(model) again")
+
+    def _set_spec(self, spec: Spec):
+        self._spec = spec
+        self._spec_key = spec.key()
+        self._state_names = spec.state_names()
+
+    def _compiled_for(self, spec: Spec):
+        key = spec.key()
+        fn = self._compiled.get(key)
+        if fn is None:
+            traced = _traced_function((self._fingerprint, self._mode, self._fullgraph, key))
+            fn = torch.compile(types.MethodType(traced, self), backend=BACKENDS[self._mode],
+                               fullgraph=self._fullgraph)
+            self._compiled[key] = fn
+        return fn
+
+    def _call(self, args, kwargs):
+        self._check_attached()
+        if self._sites is None:
+            self._discover(args, kwargs)
+        self._check_inputs(args, kwargs)
+        spec = self._recording.spec if self._recording is not None else PLAIN
+        self._set_spec(spec)
+        with calling(self) as ctx:
+            out = self._compiled_for(spec)(*args, **kwargs)
+        self._verify(ctx)
+        if self._recording is not None:
+            self._recording._collect(ctx)
+        return out
+
+    def _check_inputs(self, args, kwargs):
+        device = _model_device(self.model)
+        for value in itertools.chain(args, kwargs.values()):
+            if isinstance(value, torch.Tensor) and value.device != device:
+                raise DeviceMismatchError(f"input on {value.device}, model on {device}")
+        self.steering._check_call(args, kwargs)
+
+    def _verify(self, ctx):
+        ran = {info.layer for info in ctx.sites_run}
+        missing = sorted(set(range(len(self._sites))) - ran)
+        if ctx.graphs_run == 0 or missing:
+            raise UninstrumentedExecutionError(
+                f"attention layer(s) {missing} ran without attnfx's graph: dynamo ran a frame plain "
+                "(recompile limit torch._dynamo.config.recompile_limit hit, a skipped frame, or a graph "
+                "break inside attention); refusing to return un-instrumented outputs")
+
+    # ---- discovery (runs once, before any state exists) -----------------------------------
+    def _discover(self, args, kwargs):
+        self._set_spec(DISCOVER)
+        try:
+            with calling(self) as ctx, torch.no_grad():
+                self._compiled_for(DISCOVER)(*args, **kwargs)
+        finally:
+            self._set_spec(PLAIN)
+        if ctx.graphs_run == 0:
+            raise UninstrumentedExecutionError(
+                f"dynamo did not compile {type(self.model).__name__}.forward (skipped or disabled), "
+                "so attnfx cannot instrument it")
+        infos = list({(i.module_path, i.occurrence): i for i in ctx.sites_run}.values())
+        if not infos:
+            notes = "; ".join(ctx.notes) or "no near-misses"
+            raise NoAttentionFoundError(
+                f"no attention found in {type(self.model).__name__}: searched the captured graph(s) for "
+                f"{', '.join(PATTERNS)} (F.scaled_dot_product_attention, softmax(q @ kᵀ) @ v); {notes}")
+        layouts = {(i.num_heads, i.num_kv_heads, i.head_dim) for i in infos}
+        if len(layouts) != 1:
+            raise UnsupportedModelError(f"layers differ in (heads, kv_heads, head_dim): {sorted(layouts)}")
+        self._layer_of = {(i.module_path, i.occurrence): n for n, i in enumerate(infos)}
+        self._sites = tuple(replace(i, layer=n) for n, i in enumerate(infos))
+        self._final_norm = ctx.final_norm
+        self._allocate_state(*layouts.pop())
+
+    def _allocate_state(self, heads: int, kv_heads: int, head_dim: int):
+        layers, device = len(self._sites), _model_device(self.model)
+        shapes = {"q_scale": (layers, heads), "v_scale": (layers, kv_heads),
+                  "v_scale_unbiased": (layers, kv_heads), "z_scale": (layers, heads),
+                  "z_replace": (layers, heads), "z_source": (layers, 1, 1, heads, head_dim)}
+        for name in STEERING_STATE:
+            fill = 0.0 if name in ("z_replace", "z_source") else 1.0
+            self.register_buffer(name, torch.full(shapes[name], fill, device=device), persistent=False)
+
+    # ---- called by the backend at compile time ---------------------------------------------
+    def _describe_graph(self, gm, example_inputs, found, notes) -> GraphInfo:
+        names = self._placeholder_names(gm, example_inputs)
+        module_names = {name for name, _ in self.model.named_modules()}
+        infos = []
+        for site in found:
+            path = _module_path(site.module_stack_path, module_names)
+            o_val = example_value(site.o_weight) if site.o_weight is not None else None
+            d_model = None if o_val is None else int(o_val.shape[0] if site.o_layout == "out_in" else o_val.shape[1])
+            infos.append(SiteInfo(
+                layer=self._layer_of.get((path, site.occurrence), -1), module_path=path,
+                pattern=site.pattern, num_heads=site.num_heads, num_kv_heads=site.num_kv_heads,
+                head_dim=site.head_dim, d_model=d_model, causal=site.causal, masked=site.masked,
+                o_proj=names.get(site.o_weight), value_bias=names.get(site.v_bias),
+                occurrence=site.occurrence))
+        if self._sites is not None and any(i.layer < 0 for i in infos):
+            raise NoAttentionFoundError(
+                f"a recompiled graph holds attention sites not seen when the model was first instrumented: "
+                f"{[i.module_path for i in infos if i.layer < 0]}")
+        norm = find_final_norm(gm.graph)
+        final = None if norm is None else FinalNormInfo(
+            norm.kind, norm.eps, names.get(norm.weight), names.get(norm.unembed_weight), norm.unembed_layout)
+        return GraphInfo(tuple(infos), final, tuple(notes))
+
+    def _final_norm_input(self, gm):
+        norm = find_final_norm(gm.graph)
+        return None if norm is None else norm.input
+
+    def _placeholder_names(self, gm, example_inputs) -> dict:
+        by_id = {id(t): n for n, t in itertools.chain(
+            self.model.named_parameters(remove_duplicate=False), self.model.named_buffers(remove_duplicate=False))}
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        return {node: by_id.get(id(value)) for node, value in zip(placeholders, example_inputs)}
+
+
+def format_sites(sites) -> str:
+    header = ("layer", "module", "pattern", "heads", "kv heads", "head dim", "mask", "W_O")
+    rows = [header] + [(str(s.layer), s.module_path or "<root>", s.pattern, str(s.num_heads),
+                        str(s.num_kv_heads), str(s.head_dim),
+                        "causal" if s.causal else ("explicit" if s.masked else "none"),
+                        s.o_proj or "-") for s in sites]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

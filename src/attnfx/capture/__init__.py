@@ -1,0 +1,1 @@
+"""Capture: the shared dynamo backend, the state marker op and the per-call context."""

@@ -1,0 +1,84 @@
+"""The shared dynamo backend. One instance per execution mode for the whole process: dynamo
+guards on the backend, so a backend per model would recompile per model and, past dynamo's
+recompile limit, silently run un-instrumented (DESIGN §1). Per-model state never lives here:
+it arrives as graph inputs (the marker), and the owner of a call is read from the call
+context."""
+from __future__ import annotations
+
+from torch._dynamo.utils import counters
+from torch.fx import GraphModule
+
+from .. import passes
+from ..errors import UninstrumentedExecutionError
+from ..sites import find_sites
+from ..spec import Spec
+from .context import current
+from .marker import find_marker
+
+MODES = ("eager", "aot_eager", "inductor")
+
+
+class Runner:
+    """Runs one compiled graph, peels the records off its outputs and reports them, with the
+    sites it executed, to the current call context."""
+
+    def __init__(self, fn, info, num_outputs, record_keys):
+        self.fn, self.info, self.num_outputs, self.record_keys = fn, info, num_outputs, record_keys
+
+    def __call__(self, *args):
+        outs = self.fn(*args)
+        ctx = current()
+        if ctx is not None:
+            ctx.graphs_run += 1
+            ctx.sites_run.extend(self.info.sites)
+            ctx.notes.extend(self.info.notes)
+            ctx.final_norm = ctx.final_norm or self.info.final_norm
+            ctx.records.extend(zip(self.record_keys, outs[self.num_outputs:]))
+        return outs[: self.num_outputs] if self.record_keys else outs
+
+
+class Backend:
+    def __init__(self, mode: str):
+        self.mode = mode
+        self.__name__ = f"attnfx_{mode}"
+
+    def __repr__(self):
+        return f"attnfx.Backend({self.mode!r})"
+
+    def __call__(self, gm: GraphModule, example_inputs):
+        ctx = current()
+        marker = find_marker(gm.graph)
+        if marker is None or ctx is None:
+            sites, _ = find_sites(gm.graph)
+            if sites:
+                raise UninstrumentedExecutionError(
+                    f"a graph with {len(sites)} attention site(s) was captured without attnfx's state "
+                    "(a graph break between the instrumented call and the attention); attnfx cannot "
+                    "steer or record it, so it refuses to run it plain")
+            return self._compile(gm, example_inputs)
+        spec = Spec.parse(marker.args[1])
+        state = dict(zip(spec.state_names(), marker.args[0]))
+        gm.graph.erase_node(marker)
+        found, notes = find_sites(gm.graph)
+        info = ctx.owner._describe_graph(gm, example_inputs, found, notes)
+        num_outputs = len(next(n for n in reversed(gm.graph.nodes) if n.op == "output").args[0])
+        if spec.discover:
+            gm.recompile()
+            return Runner(gm.forward, info, num_outputs, [])
+        layered = [(site_info.layer, site) for site_info, site in zip(info.sites, found)]
+        record_keys = passes.rewrite(gm, layered, spec, state, ctx.owner._final_norm_input(gm))
+        counters["attnfx"]["graphs_compiled"] += 1
+        counters["attnfx"]["sites_rewritten"] += len(found)
+        return Runner(self._compile(gm, example_inputs), info, num_outputs, record_keys)
+
+    def _compile(self, gm, example_inputs):
+        if self.mode == "eager":
+            return gm.forward
+        if self.mode == "aot_eager":
+            from torch._dynamo.backends.debugging import aot_eager
+            return aot_eager(gm, example_inputs)
+        from torch._inductor.compile_fx import compile_fx
+        return compile_fx(gm, example_inputs)
+
+
+BACKENDS = {mode: Backend(mode) for mode in MODES}

@@ -1,0 +1,115 @@
+"""`with im.record(...) as rec:` — records come back as extra graph outputs (DESIGN §1); this
+object sorts them per call:
+
+    rec["z"]          list over layers of [b, t, H, d_head] (the steered head outputs)
+    rec["readout"]    [b, t, L, H, K] fp32: z_h · u_h, u_h = W_O[:, h]ᵀ r_k for directions r [K, d_model]
+    rec["contrib"]    {(layer, head): [b, P, d_model]} for the selected heads and positions
+    rec["final_norm"] [b, t, d_model]: the residual entering the final norm
+
+`rec[...]` is the most recent call's; `rec.calls` keeps every call (e.g. each generate step).
+"""
+from __future__ import annotations
+
+import torch
+
+from .errors import (DeviceMismatchError, DTypeMismatchError, InvalidArgumentError,
+                     ShapeMismatchError, SiteIndexError, SteeringValueError)
+from .spec import RECORD_KINDS, Spec
+
+
+class Recording:
+    def __init__(self, im, kinds, *, directions=None, heads=None, positions=None):
+        kinds = tuple(dict.fromkeys(kinds))
+        bad = [k for k in kinds if k not in RECORD_KINDS]
+        if not kinds or bad:
+            raise InvalidArgumentError(f"record kinds must be among {RECORD_KINDS}, got {kinds!r}")
+        self._im = im
+        self.calls: list[dict] = []
+        sites = im.sites
+        self._directions = self._check_directions(directions, sites) if "readout" in kinds else None
+        contrib = self._check_heads(heads, sites) if "contrib" in kinds else ()
+        if "contrib" in kinds and positions is not None:
+            positions = tuple(int(p) for p in positions)
+        if "final_norm" in kinds and im.final_norm is None:
+            raise InvalidArgumentError("no final norm → unembedding was found in this model; cannot record 'final_norm'")
+        if "readout" in kinds or "contrib" in kinds:
+            missing = [s.layer for s in sites if s.o_proj is None and s.d_model is None]
+            if missing:
+                raise InvalidArgumentError(f"no output projection found for layers {missing}; readouts need W_O")
+        self.spec = Spec(records=kinds, contrib_heads=contrib,
+                         contrib_positions=positions if "contrib" in kinds else None)
+
+    @staticmethod
+    def _check_directions(directions, sites) -> torch.Tensor:
+        layers, d_model = len(sites), sites[0].d_model
+        if not isinstance(directions, torch.Tensor):
+            raise InvalidArgumentError("recording 'readout' needs directions=tensor [K, d_model] or [L, K, d_model]")
+        if not directions.is_floating_point():
+            raise DTypeMismatchError(f"directions must be floating point, got {directions.dtype}")
+        if directions.dim() == 2:
+            directions = directions.unsqueeze(0).expand(layers, -1, -1)
+        if directions.dim() != 3 or directions.shape[0] != layers or directions.shape[2] != d_model:
+            raise ShapeMismatchError(f"directions must be [K, {d_model}] or [{layers}, K, {d_model}], "
+                                     f"got {tuple(directions.shape)}")
+        if not torch.isfinite(directions).all():
+            raise SteeringValueError("directions hold NaN or inf")
+        return directions
+
+    @staticmethod
+    def _check_heads(heads, sites) -> tuple[tuple[int, int], ...]:
+        if not heads:
+            raise InvalidArgumentError("recording 'contrib' needs heads=[(layer, head), ...]")
+        pairs = []
+        for pair in heads:
+            layer, head = pair
+            if not (0 <= layer < len(sites) and 0 <= head < sites[0].num_heads):
+                raise SiteIndexError(f"(layer, head) = {pair} out of range: layers 0..{len(sites) - 1}, "
+                                     f"heads 0..{sites[0].num_heads - 1}")
+            pairs.append((int(layer), int(head)))
+        return tuple(sorted(set(pairs)))
+
+    # ---- context manager -------------------------------------------------------------------
+    def __enter__(self):
+        im = self._im
+        im._check_attached()
+        if im._recording is not None:
+            raise InvalidArgumentError("a recording is already active on this model; nest none")
+        if self._directions is not None:
+            device = im.z_scale.device
+            if self._directions.device != device:
+                raise DeviceMismatchError(f"directions on {self._directions.device}, model on {device}")
+            im.register_buffer("readout_directions", self._directions.float().contiguous(), persistent=False)
+        im._recording = self
+        return self
+
+    def __exit__(self, *exc):
+        self._im._recording = None
+        return False
+
+    def __getitem__(self, kind: str):
+        if not self.calls:
+            raise KeyError("nothing recorded yet: call the model inside the `with` block")
+        return self.calls[-1][kind]
+
+    def __contains__(self, kind):
+        return bool(self.calls) and kind in self.calls[-1]
+
+    # ---- sorting the graph's extra outputs -------------------------------------------------
+    def _collect(self, ctx) -> None:
+        layers = len(self._im.sites)
+        per_kind: dict[str, dict] = {}
+        for key, tensor in ctx.records:
+            per_kind.setdefault(key.kind, {})[(key.layer, key.heads)] = tensor
+        call = {}
+        if "z" in per_kind:
+            z = {layer: t for (layer, _), t in per_kind["z"].items()}
+            call["z"] = [z[layer] for layer in range(layers)]
+        if "readout" in per_kind:
+            r = {layer: t for (layer, _), t in per_kind["readout"].items()}
+            call["readout"] = torch.stack([r[layer] for layer in range(layers)], dim=2)
+        if "contrib" in per_kind:
+            call["contrib"] = {(layer, h): t[:, :, i] for (layer, heads), t in per_kind["contrib"].items()
+                               for i, h in enumerate(heads)}
+        if "final_norm" in per_kind:
+            call["final_norm"] = next(iter(per_kind["final_norm"].values()))
+        self.calls.append(call)

@@ -1,0 +1,300 @@
+"""Find attention computations in a dynamo graph, by pattern (never by class name).
+
+Two patterns are matched (DESIGN §1):
+
+* ``sdpa_call``: ``F.scaled_dot_product_attention(q, k, v, ...)``
+* ``matmul_softmax_matmul``: ``softmax(q @ kᵀ ⋯) @ v`` with any mix of scaling, masking,
+  dtype casts and dropout between the two matmuls (HF ``eager`` attention, hand-written code)
+
+Each match becomes an :class:`AttentionSite` holding the graph nodes the passes rewrite and the
+head layout read from ``node.meta["example_value"]``. The analysis is pure: it never edits the
+graph.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch.fx import Graph, Node
+
+PATTERNS = ("sdpa_call", "matmul_softmax_matmul")
+
+# Ops that only re-lay out one tensor: walking through them keeps the values of a head.
+_VIEW_METHODS = {"view", "reshape", "transpose", "permute", "contiguous", "expand", "unsqueeze",
+                 "squeeze", "flatten", "chunk", "split", "clone"}
+_VIEW_FUNCTIONS = {torch.reshape, torch.transpose, torch.permute, torch.flatten, torch.unsqueeze,
+                   torch.squeeze, torch.chunk, torch.split}
+# Ops allowed between the score matmul and the softmax, and between the softmax and z.
+_SCORE_OPS = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub,
+              torch.mul, torch.div, torch.where, torch.masked_fill, F.dropout, torch.clamp}
+_SCORE_METHODS = {"add", "sub", "mul", "div", "masked_fill", "to", "type", "float", "half",
+                  "bfloat16", "contiguous", "clamp", "__add__", "__mul__", "__truediv__"}
+_CAST_METHODS = {"to", "type", "float", "half", "bfloat16", "contiguous"}
+_MATMULS = {torch.matmul, operator.matmul}
+_SOFTMAXES = {torch.softmax, F.softmax, torch.nn.functional.softmax}
+
+
+@dataclass
+class AttentionSite:
+    """One attention computation: z = attention(q, k, v) with z of shape [b, H, t, d]."""
+
+    pattern: str
+    attn: Node                      # produces z: [b, H, t, d]
+    q_user: Node                    # the node that consumes q (sdpa, or the score matmul)
+    q: Node
+    k: Node
+    v: Node
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    module_stack_path: str          # dynamo's path of the innermost module around the attention
+    occurrence: int                 # index among sites sharing that module path, in graph order
+    causal: bool | None             # True/False when declared (is_causal); None: explicit mask
+    masked: bool                    # an explicit additive/boolean mask is applied
+    o_weight: Node | None = None    # output projection weight (placeholder), if found
+    o_layout: str | None = None     # "out_in" (F.linear) or "in_out" (addmm / matmul)
+    o_bias: Node | None = None
+    v_bias: Node | None = None      # bias of the projection that produces v, if any
+    v_bias_chain: list[Node] = field(default_factory=list)  # producer output → pre-cache v
+
+
+def example_value(node) -> torch.Tensor | None:
+    val = node.meta.get("example_value", node.meta.get("val")) if isinstance(node, Node) else None
+    return val if isinstance(val, torch.Tensor) else None
+
+
+def _shape(node) -> tuple | None:
+    val = example_value(node)
+    return tuple(val.shape) if val is not None else None
+
+
+def _arg(node: Node, index: int, name: str, default=None):
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def _is_call(node, fns=(), methods=()) -> bool:
+    if not isinstance(node, Node):
+        return False
+    if node.op == "call_function":
+        return node.target in fns
+    if node.op == "call_method":
+        return node.target in methods
+    return False
+
+
+def _is_view_like(node: Node) -> bool:
+    if _is_call(node, _VIEW_FUNCTIONS, _VIEW_METHODS):
+        return True
+    # x[i] on the tuple of a split/chunk, or basic slicing of a tensor
+    return node.op == "call_function" and node.target is operator.getitem
+
+
+def _view_input(node: Node) -> Node | None:
+    src = node.args[0] if node.args else None
+    return src if isinstance(src, Node) else None
+
+
+def _is_seq_cat(node: Node) -> bool:
+    """torch.cat of a KV cache: the new keys/values are the last element."""
+    if not _is_call(node, (torch.cat, torch.concat, torch.concatenate)):
+        return False
+    dim = _arg(node, 1, "dim", 0)
+    shape = _shape(node)
+    return shape is not None and len(shape) == 4 and dim in (-2, 2)
+
+
+def _walk_back(node: Node, max_steps: int = 32):
+    """Yield node and its ancestors through view-like ops and KV-cache concatenation."""
+    for _ in range(max_steps):
+        yield node
+        if _is_seq_cat(node):
+            parts = node.args[0]
+            node = parts[-1] if isinstance(parts, (list, tuple)) and parts else None
+        elif _is_view_like(node):
+            node = _view_input(node)
+        else:
+            return
+        if not isinstance(node, Node):
+            return
+
+
+def _count_kv_heads(k: Node, num_heads: int, head_dim: int) -> int:
+    """Smallest head count seen on the way back from k (repeat_kv expands Hkv → H)."""
+    counts = [num_heads]
+    for node in _walk_back(k):
+        shape = _shape(node)
+        if shape is None:
+            continue
+        if len(shape) == 4 and shape[-1] == head_dim:
+            counts.append(int(shape[1]))
+        elif len(shape) == 5 and shape[-1] == head_dim:      # repeat_kv's [b, Hkv, n_rep, T, d]
+            counts.append(int(shape[1]))
+    kv = min(c for c in counts if c > 0 and num_heads % c == 0)
+    return kv
+
+
+def _affine_bias(node: Node) -> Node | None:
+    """The bias operand when node = linear(x, W, b) / addmm(b, x, W) / matmul(x, W) + b."""
+    if _is_call(node, (F.linear, torch._C._nn.linear)):
+        bias = _arg(node, 2, "bias")
+        return bias if isinstance(bias, Node) else None
+    if _is_call(node, (torch.addmm,)):
+        return node.args[0] if isinstance(node.args[0], Node) else None
+    if _is_call(node, (operator.add, torch.add), ("add", "__add__")) and len(node.args) == 2:
+        a, b = node.args
+        for mm, bias in ((a, b), (b, a)):
+            if _is_call(mm, _MATMULS, ("matmul",)) and isinstance(bias, Node):
+                bshape = _shape(bias)
+                if bshape is not None and len(bshape) == 1:
+                    return bias
+    return None
+
+
+def _value_bias_chain(v: Node) -> tuple[Node | None, list[Node]]:
+    """Bias of v's producing projection, and the view chain from that producer to the value
+    tensor as the layer made it (before any KV-cache concatenation): replaying the chain on
+    the bias yields the per-head bias b_V in v's layout."""
+    path = list(_walk_back(v))
+    producer = path[-1]
+    bias = _affine_bias(producer)
+    if bias is None:
+        return None, []
+    chain = []
+    for node in reversed(path[:-1]):      # producer's user first
+        if _is_seq_cat(node):
+            break
+        chain.append(node)
+    return bias, chain
+
+
+def _output_projection(z: Node, num_heads: int, head_dim: int):
+    """Follow z → transpose(1, 2) → reshape [.., H*d] → projection; (weight, layout, bias)."""
+    node, seen_transpose = z, False
+    for _ in range(16):
+        users = [u for u in node.users]
+        if len(users) != 1:
+            return None, None, None
+        node = users[0]
+        if _is_call(node, (F.linear, torch._C._nn.linear)):
+            ok = seen_transpose and _shape(node.args[0])[-1] == num_heads * head_dim
+            return (node.args[1], "out_in", _arg(node, 2, "bias")) if ok else (None, None, None)
+        if _is_call(node, (torch.addmm,)):
+            return (node.args[2], "in_out", node.args[0]) if seen_transpose else (None, None, None)
+        if _is_call(node, _MATMULS, ("matmul",)) and node.args[0] is not z:
+            return (node.args[1], "in_out", None) if seen_transpose else (None, None, None)
+        if not _is_view_like(node):
+            return None, None, None
+        shape = _shape(node)
+        if shape is not None and len(shape) == 4 and shape[2] == num_heads and shape[3] == head_dim:
+            seen_transpose = True          # [b, t, H, d]: heads are now the slower index
+    return None, None, None
+
+
+def _score_matmul(softmax_in: Node) -> Node | None:
+    """Walk back from the softmax input through scaling/masking to the q @ kᵀ matmul."""
+    node = softmax_in
+    target_shape = _shape(softmax_in)
+    for _ in range(12):
+        if _is_call(node, _MATMULS, ("matmul",)):
+            return node
+        if not _is_call(node, _SCORE_OPS, _SCORE_METHODS):
+            return None
+        nxt = None
+        for arg in node.args:
+            if isinstance(arg, Node) and _shape(arg) == target_shape:
+                if _is_call(arg, _MATMULS, ("matmul",)) or _is_call(arg, _SCORE_OPS, _SCORE_METHODS):
+                    nxt = arg
+                    break
+        if nxt is None:
+            return None
+        node = nxt
+    return None
+
+
+def _value_matmul(softmax: Node) -> Node | None:
+    """Walk forward from the softmax through casts/dropout to the A @ v matmul."""
+    node = softmax
+    for _ in range(6):
+        users = list(node.users)
+        if len(users) != 1:
+            return None
+        user = users[0]
+        if _is_call(user, _MATMULS, ("matmul",)) and user.args[0] is node:
+            return user
+        if not _is_call(user, (F.dropout,), _CAST_METHODS):
+            return None
+        node = user
+    return None
+
+
+def _match_sdpa(node: Node):
+    if not _is_call(node, (F.scaled_dot_product_attention,)):
+        return None
+    q, k, v = _arg(node, 0, "query"), _arg(node, 1, "key"), _arg(node, 2, "value")
+    mask = _arg(node, 3, "attn_mask")
+    causal = bool(_arg(node, 5, "is_causal", False))
+    return "sdpa_call", node, node, q, k, v, (causal if mask is None else None), mask is not None
+
+
+def _match_matmul_softmax(node: Node):
+    if not (_is_call(node, _SOFTMAXES, ("softmax",))):
+        return None
+    dim = _arg(node, 1, "dim", None)
+    shape = _shape(node)
+    if shape is None or len(shape) != 4 or dim not in (-1, 3):
+        return None
+    scores = _score_matmul(node.args[0])
+    out = _value_matmul(node)
+    if scores is None or out is None:
+        return None
+    q, k_t = scores.args[0], scores.args[1]
+    k = k_t.args[0] if _is_call(k_t, (torch.transpose,), ("transpose", "mT")) else k_t
+    masked = any(_is_call(n, (operator.add, torch.add, torch.where, torch.masked_fill),
+                          ("add", "masked_fill", "__add__"))
+                 for n in _between(scores, node))
+    return "matmul_softmax_matmul", out, scores, q, k, out.args[1], None, masked
+
+
+def _between(start: Node, end: Node) -> list[Node]:
+    nodes, node = [], end
+    while node is not start and isinstance(node, Node):
+        nodes.append(node)
+        node = next((a for a in node.args if isinstance(a, Node) and _shape(a) == _shape(end)), None)
+    return nodes
+
+
+def _module_stack_path(node: Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    return list(stack.values())[-1][0] if stack else ""
+
+
+def find_sites(graph: Graph) -> tuple[list[AttentionSite], list[str]]:
+    """All attention sites of a graph in graph order, and notes on near-misses (candidates
+    that matched a pattern but have a layout attnfx does not handle)."""
+    sites, notes, occurrences = [], [], {}
+    for node in graph.nodes:
+        match = _match_sdpa(node) or _match_matmul_softmax(node)
+        if match is None:
+            continue
+        pattern, attn, q_user, q, k, v, causal, masked = match
+        zshape = _shape(attn)
+        if zshape is None or len(zshape) != 4 or not all(isinstance(x, Node) for x in (q, k, v)):
+            notes.append(f"{pattern} at node {attn.name}: output is not [batch, heads, seq, head_dim]")
+            continue
+        num_heads, head_dim = int(zshape[1]), int(zshape[3])
+        path = _module_stack_path(attn)
+        occurrence = occurrences.get(path, 0)
+        occurrences[path] = occurrence + 1
+        site = AttentionSite(
+            pattern=pattern, attn=attn, q_user=q_user, q=q, k=k, v=v,
+            num_heads=num_heads, num_kv_heads=_count_kv_heads(k, num_heads, head_dim),
+            head_dim=head_dim, module_stack_path=path, occurrence=occurrence,
+            causal=causal, masked=masked)
+        site.o_weight, site.o_layout, site.o_bias = _output_projection(attn, num_heads, head_dim)
+        site.v_bias, site.v_bias_chain = _value_bias_chain(v)
+        sites.append(site)
+    return sites, notes

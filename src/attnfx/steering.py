@@ -1,0 +1,195 @@
+"""`im.steering`: set per-head knobs by writing the state buffers in place. The graph reads them
+as inputs, so no change here ever recompiles (except the first switch to a per-position patch
+source, whose shape follows the input's). Every method validates all of its arguments before
+writing anything: a rejected call leaves the state as it was."""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from .errors import (DeviceMismatchError, DTypeMismatchError, InvalidArgumentError,
+                     ShapeMismatchError, SiteIndexError, SteeringValueError)
+
+SCALE_TARGETS = {"z": "z_scale", "value": "v_scale", "value_unbiased": "v_scale_unbiased",
+                 "query": "q_scale"}
+ABLATIONS = ("zero", "mean")
+
+
+def _as_list(index, what: str) -> list[int]:
+    items = list(index) if isinstance(index, Sequence) and not isinstance(index, str) else [index]
+    if not items:
+        raise SiteIndexError(f"empty {what} list")
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, int):
+            raise SiteIndexError(f"{what} index must be an int, got {item!r}")
+    return items
+
+
+class Steering:
+    def __init__(self, im):
+        self._im = im
+        self._means: torch.Tensor | None = None     # [L, H, d] mean head output of a reference batch
+
+    # ---- validation ------------------------------------------------------------------------
+    def _layout(self):
+        site = self._im.sites[0]
+        return len(self._im.sites), site.num_heads, site.num_kv_heads, site.head_dim
+
+    def _pairs(self, layer, head, kv: bool = False) -> tuple[list[int], list[int]]:
+        self._im._check_attached()
+        layers_n, heads_n, kv_n, _ = self._layout()
+        limit = kv_n if kv else heads_n
+        layers, heads = _as_list(layer, "layer"), _as_list(head, "kv head" if kv else "head")
+        for l in layers:
+            if not 0 <= l < layers_n:
+                raise SiteIndexError(f"layer {l} out of range: valid layers are 0..{layers_n - 1}")
+        for h in heads:
+            if not 0 <= h < limit:
+                kind = "kv head" if kv else "head"
+                raise SiteIndexError(f"{kind} {h} out of range: valid {kind}s are 0..{limit - 1}")
+        return layers, heads
+
+    @staticmethod
+    def _factor(factor) -> float:
+        if isinstance(factor, torch.Tensor):
+            if factor.numel() != 1:
+                raise SteeringValueError(f"factor must be a scalar, got a tensor of shape {tuple(factor.shape)}")
+            factor = factor.item()
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)):
+            raise SteeringValueError(f"factor must be a real number, got {type(factor).__name__}")
+        if not math.isfinite(factor):
+            raise SteeringValueError(f"factor must be finite, got {factor}")
+        return float(factor)
+
+    def _source_tensor(self, z_source, n_heads: int) -> torch.Tensor:
+        _, _, _, head_dim = self._layout()
+        if not isinstance(z_source, torch.Tensor):
+            raise SteeringValueError(f"z_source must be a tensor, got {type(z_source).__name__}")
+        if not z_source.is_floating_point():
+            raise DTypeMismatchError(f"z_source must be floating point, got {z_source.dtype}")
+        device = self._im.z_source.device
+        if z_source.device != device:
+            raise DeviceMismatchError(f"z_source on {z_source.device}, model state on {device}")
+        expected = "[batch, seq, head_dim]" if n_heads == 1 else f"[batch, seq, {n_heads}, head_dim]"
+        if n_heads == 1 and z_source.dim() == 3:
+            z_source = z_source.unsqueeze(2)
+        if z_source.dim() != 4 or z_source.shape[2] != n_heads or z_source.shape[3] != head_dim:
+            raise ShapeMismatchError(f"z_source must be {expected} with head_dim {head_dim}, "
+                                     f"got {tuple(z_source.shape)}")
+        if not torch.isfinite(z_source).all():
+            raise SteeringValueError("z_source holds NaN or inf")
+        return z_source
+
+    # ---- knobs -----------------------------------------------------------------------------
+    def scale(self, layer, head, factor, *, on: str = "z") -> None:
+        """Multiply head(s) by `factor`. on="z": the head output z_h (query head); "value": the
+        value vectors of kv head(s) with their bias (= z of every query head of the group);
+        "value_unbiased": only A·x·W_V, keeping b_V (TransformerLens, Yu et al. 2023); "query":
+        the query (SHIPS; scaling before RoPE, which is linear in q)."""
+        if on not in SCALE_TARGETS:
+            raise InvalidArgumentError(f"on must be one of {sorted(SCALE_TARGETS)}, got {on!r}")
+        layers, heads = self._pairs(layer, head, kv=on.startswith("value"))
+        value = self._factor(factor)
+        buffer = getattr(self._im, SCALE_TARGETS[on])
+        for l in layers:
+            buffer[l, heads] = value
+
+    def ablate(self, layer, head, how: str = "zero", *, reference=None) -> None:
+        """Replace z_h by zeros, or by its mean over a reference batch (all valid positions)."""
+        if how not in ABLATIONS:
+            raise InvalidArgumentError(f"how must be one of {ABLATIONS}, got {how!r}")
+        layers, heads = self._pairs(layer, head)
+        if how == "mean":
+            if reference is not None:
+                self._means = self.mean_z(reference)
+            if self._means is None:
+                raise SteeringValueError("mean ablation needs reference=inputs once (the batch to average over)")
+        im = self._im
+        for l in layers:
+            for h in heads:
+                im.z_source[l, :, :, h] = 0.0 if how == "zero" else self._means[l, h]
+            im.z_replace[l, heads] = 1.0
+
+    def patch(self, layer: int, head, z_source: torch.Tensor) -> None:
+        """Replace z_h by a recorded head output, e.g. `rec["z"][layer][:, :, head]` of another
+        input: z_source is [batch, seq, head_dim] (one head) or [batch, seq, n_heads, head_dim]."""
+        layers, heads = self._pairs(layer, head)
+        if len(layers) != 1:
+            raise SiteIndexError("patch takes one layer at a time")
+        source = self._source_tensor(z_source, len(heads))
+        im = self._im
+        current = im.z_source
+        if current.shape[1:3] != source.shape[:2]:
+            if current.shape[1:3] != (1, 1) and bool(im.z_replace.any()):
+                raise ShapeMismatchError(
+                    f"patch sources of this model are [batch={current.shape[1]}, seq={current.shape[2]}], "
+                    f"got [batch={source.shape[0]}, seq={source.shape[1]}]; call steering.reset() first")
+            full = current.expand(-1, source.shape[0], source.shape[1], -1, -1).clone()
+            im.z_source = full               # new shape: the next call compiles once for it
+        im.z_source[layers[0], :, :, heads] = source.to(im.z_source.dtype)
+        im.z_replace[layers[0], heads] = 1.0
+
+    def reset(self) -> None:
+        """Every knob back to identity."""
+        im = self._im
+        im._check_attached()
+        for name in ("q_scale", "v_scale", "v_scale_unbiased", "z_scale"):
+            getattr(im, name).fill_(1.0)
+        im.z_replace.zero_()
+        if im.z_source.shape[1:3] != (1, 1):
+            im.z_source = im.z_source.new_zeros(im.z_source.shape[0], 1, 1, *im.z_source.shape[3:])
+        else:
+            im.z_source.zero_()
+
+    def active(self) -> list[tuple[str, int, int, float]]:
+        """Non-identity knobs as (kind, layer, head, value); ablations and patches have value 1."""
+        im = self._im
+        out = []
+        for on, name in SCALE_TARGETS.items():
+            for l, h in (getattr(im, name) != 1.0).nonzero().tolist():
+                out.append((on, l, h, float(getattr(im, name)[l, h])))
+        for l, h in im.z_replace.nonzero().tolist():
+            out.append(("replace", l, h, float(im.z_replace[l, h])))
+        return out
+
+    def __repr__(self):
+        knobs = self.active() if self._im._sites is not None else []
+        return "Steering(" + (", ".join(f"{k}[{l},{h}]={v:g}" for k, l, h, v in knobs) or "identity") + ")"
+
+    # ---- helpers ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def mean_z(self, reference) -> torch.Tensor:
+        """Mean head output [L, H, d] over the reference batch's valid positions, unsteered."""
+        from .api import _as_call
+
+        im = self._im
+        args, kwargs = _as_call(reference)
+        saved = {name: getattr(im, name).clone() for name in ("q_scale", "v_scale", "v_scale_unbiased",
+                                                              "z_scale", "z_replace", "z_source")}
+        try:
+            self.reset()
+            with im.record("z") as rec:
+                im(*args, **kwargs)
+        finally:
+            for name, value in saved.items():
+                setattr(im, name, value)
+        z = torch.stack(rec["z"]).float()                          # [L, b, t, H, d]
+        mask = kwargs.get("attention_mask")
+        if mask is None:
+            return z.mean(dim=(1, 2))
+        weights = mask.to(z.dtype)[None, :, :, None, None]
+        return (z * weights).sum(dim=(1, 2)) / weights.sum(dim=(1, 2))
+
+    def _check_call(self, args, kwargs) -> None:
+        """A per-position patch source must match the call's [batch, seq]."""
+        im = self._im
+        if im._sites is None or im.z_source.shape[1:3] == (1, 1):
+            return
+        first = next((v for v in list(args) + [kwargs.get("input_ids"), kwargs.get("inputs_embeds")]
+                      if isinstance(v, torch.Tensor) and v.dim() >= 2), None)
+        if first is not None and tuple(first.shape[:2]) != tuple(im.z_source.shape[1:3]):
+            raise ShapeMismatchError(
+                f"patch source is for [batch, seq] = {tuple(im.z_source.shape[1:3])}, "
+                f"this call has {tuple(first.shape[:2])}; steering.reset() or patch again")
