@@ -128,10 +128,23 @@ def _as_call(inputs) -> tuple[tuple, dict]:
 
 
 def _fingerprint(model) -> tuple:
-    """Structure of a model: instances with equal fingerprints can share compiled graphs."""
+    """Structure of a model: instances with equal fingerprints can share compiled graphs. The
+    config is part of it (HF models of equal shapes differ by attn_implementation, say)."""
     def sig(items):
         return tuple((n, tuple(t.shape), t.dtype, t.device.type) for n, t in items)
-    return (type(model), sig(model.named_parameters()), sig(model.named_buffers()))
+    return (type(model), str(getattr(model, "config", "")), sig(model.named_parameters()),
+            sig(model.named_buffers()))
+
+
+def _call_signature(args, kwargs) -> tuple:
+    """What dynamo specialises a frame on besides values: argument names and types, and which
+    tensor dims are 0/1. Calls that differ here get their own traced code object, so each keeps
+    dynamo's whole recompile budget (prefill vs decode, batch 1 vs many, with/without a mask)."""
+    def sig(value):
+        if isinstance(value, torch.Tensor):
+            return ("T", value.dim(), tuple(size <= 1 for size in value.shape))
+        return type(value).__name__
+    return (tuple(sig(a) for a in args), tuple(sorted((k, sig(v)) for k, v in kwargs.items())))
 
 
 def _traced_forward(self, *args, **kwargs):
@@ -181,7 +194,7 @@ class InstrumentedModel(nn.Module):
         self._sites: tuple[SiteInfo, ...] | None = None
         self._layer_of: dict[tuple[str, int], int] = {}
         self._final_norm: FinalNormInfo | None = None
-        self._compiled: dict[str, object] = {}
+        self._compiled: dict[tuple, object] = {}
         self._recording = None
         self._attached = True
         self.steering = Steering(self)
@@ -269,11 +282,11 @@ class InstrumentedModel(nn.Module):
         self._spec_key = spec.key()
         self._state_names = spec.state_names()
 
-    def _compiled_for(self, spec: Spec):
-        key = spec.key()
+    def _compiled_for(self, spec: Spec, args, kwargs):
+        key = (spec.key(), _call_signature(args, kwargs))
         fn = self._compiled.get(key)
         if fn is None:
-            traced = _traced_function((self._fingerprint, self._mode, self._fullgraph, key))
+            traced = _traced_function((self._fingerprint, self._mode, self._fullgraph) + key)
             fn = torch.compile(types.MethodType(traced, self), backend=BACKENDS[self._mode],
                                fullgraph=self._fullgraph)
             self._compiled[key] = fn
@@ -287,7 +300,7 @@ class InstrumentedModel(nn.Module):
         spec = self._recording.spec if self._recording is not None else PLAIN
         self._set_spec(spec)
         with calling(self) as ctx:
-            out = self._compiled_for(spec)(*args, **kwargs)
+            out = self._compiled_for(spec, args, kwargs)(*args, **kwargs)
         self._verify(ctx)
         if self._recording is not None:
             self._recording._collect(ctx)
@@ -314,7 +327,7 @@ class InstrumentedModel(nn.Module):
         self._set_spec(DISCOVER)
         try:
             with calling(self) as ctx, torch.no_grad():
-                self._compiled_for(DISCOVER)(*args, **kwargs)
+                self._compiled_for(DISCOVER, args, kwargs)(*args, **kwargs)
         finally:
             self._set_spec(PLAIN)
         if ctx.graphs_run == 0:

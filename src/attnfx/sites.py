@@ -22,10 +22,11 @@ from torch.fx import Graph, Node
 PATTERNS = ("sdpa_call", "matmul_softmax_matmul")
 
 # Ops that only re-lay out one tensor: walking through them keeps the values of a head.
+# (repeat_interleave repeats whole heads for GQA, so it keeps every head's values too.)
 _VIEW_METHODS = {"view", "reshape", "transpose", "permute", "contiguous", "expand", "unsqueeze",
-                 "squeeze", "flatten", "chunk", "split", "clone"}
+                 "squeeze", "flatten", "chunk", "split", "clone", "repeat_interleave"}
 _VIEW_FUNCTIONS = {torch.reshape, torch.transpose, torch.permute, torch.flatten, torch.unsqueeze,
-                   torch.squeeze, torch.chunk, torch.split}
+                   torch.squeeze, torch.chunk, torch.split, torch.repeat_interleave}
 # Ops allowed between the score matmul and the softmax, and between the softmax and z.
 _SCORE_OPS = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub,
               torch.mul, torch.div, torch.where, torch.masked_fill, F.dropout, torch.clamp}
@@ -123,18 +124,19 @@ def _walk_back(node: Node, max_steps: int = 32):
 
 
 def _count_kv_heads(k: Node, num_heads: int, head_dim: int) -> int:
-    """Smallest head count seen on the way back from k (repeat_kv expands Hkv → H)."""
-    counts = [num_heads]
+    """Kv heads: the head axis of k as attention reads it, unless a repeat on the way back
+    shows fewer (HF repeat_kv's [b, Hkv, n_rep, T, d] expand, or repeat_interleave on dim 1)."""
+    shape = _shape(k)
+    counts = [int(shape[1])] if shape is not None and len(shape) == 4 else [num_heads]
     for node in _walk_back(k):
-        shape = _shape(node)
-        if shape is None:
-            continue
-        if len(shape) == 4 and shape[-1] == head_dim:
-            counts.append(int(shape[1]))
-        elif len(shape) == 5 and shape[-1] == head_dim:      # repeat_kv's [b, Hkv, n_rep, T, d]
-            counts.append(int(shape[1]))
-    kv = min(c for c in counts if c > 0 and num_heads % c == 0)
-    return kv
+        node_shape = _shape(node)
+        if node_shape is not None and len(node_shape) == 5 and node_shape[-1] == head_dim:
+            counts.append(int(node_shape[1]))
+        if _is_call(node, (torch.repeat_interleave,), ("repeat_interleave",)):
+            source = _shape(node.args[0])
+            if source is not None and len(source) == 4:
+                counts.append(int(source[1]))
+    return min(c for c in counts if c > 0 and num_heads % c == 0)
 
 
 def _affine_bias(node: Node) -> Node | None:
