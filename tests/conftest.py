@@ -5,7 +5,7 @@ import torch
 from hypothesis import HealthCheck, settings
 
 # Deterministic examples in CI; every example instruments (compiles) a fresh model, so keep few.
-settings.register_profile("ci", derandomize=True, deadline=None, max_examples=6, print_blob=True,
+settings.register_profile("ci", derandomize=True, deadline=None, max_examples=6, print_blob=True, database=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.register_profile("dev", deadline=None, max_examples=20,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

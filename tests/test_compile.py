@@ -144,3 +144,15 @@ def test_identity_on_aot_eager_backend_and_gradients_flow():
     out.sum().backward()
     grads = [p.grad for p in model.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_fullgraph_instrumentation_works_on_hf_models():
+    model = build(FAMILIES["mistral"], layers=2, heads=4, kv_heads=1)
+    im = attnfx.instrument(model, fullgraph=True)
+    ids = torch.randint(1, 64, (2, 5))
+    im.steering.scale(1, 0, 2.0, on="value")
+    with torch.no_grad():
+        out = im(input_ids=ids).logits
+        im.steering.reset()
+        assert_close(im(input_ids=ids).logits, model(input_ids=ids).logits)
+    assert not torch.allclose(out, model(input_ids=ids).logits)
