@@ -115,11 +115,18 @@ def test_twelve_models_of_one_class_share_a_graph_and_keep_their_own_state():
 def test_recompile_limit_fallback_raises_instead_of_returning_plain_outputs():
     model = build(FAMILIES["gpt2"], layers=1, heads=2)
     im = attnfx.instrument(model)
+    ids = torch.randint(1, 64, (2, 6))
     with torch.no_grad():
         im(input_ids=torch.randint(1, 64, (2, 5)))
         with torch._dynamo.config.patch(recompile_limit=1, automatic_dynamic_shapes=False):
             with pytest.raises(UninstrumentedExecutionError, match="ran without attnfx"):
-                im(input_ids=torch.randint(1, 64, (2, 6)))      # new shape: dynamo declines
+                im(input_ids=ids)                                # new shape: dynamo declines
+        # dynamo skips that frame for good; attnfx traces a fresh one on the next call
+        im.steering.scale(0, 1, 0.0)
+        twin = attnfx.instrument(build(FAMILIES["gpt2"], layers=1, heads=2))
+        assert not torch.equal(im(input_ids=ids).logits, twin(input_ids=ids).logits)
+        im.steering.reset()
+        assert torch.equal(im(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
 class _DisabledForward(PlainTransformer):

@@ -282,15 +282,23 @@ class InstrumentedModel(nn.Module):
         self._spec_key = spec.key()
         self._state_names = spec.state_names()
 
-    def _compiled_for(self, spec: Spec, args, kwargs):
-        key = (spec.key(), _call_signature(args, kwargs))
+    def _compiled_for(self, key: tuple):
         fn = self._compiled.get(key)
         if fn is None:
-            traced = _traced_function((self._fingerprint, self._mode, self._fullgraph) + key)
+            traced = _traced_function(self._traced_key(key))
             fn = torch.compile(types.MethodType(traced, self), backend=BACKENDS[self._mode],
                                fullgraph=self._fullgraph)
             self._compiled[key] = fn
         return fn
+
+    def _traced_key(self, key: tuple) -> tuple:
+        return (self._fingerprint, self._mode, self._fullgraph) + key
+
+    def _forget(self, key: tuple) -> None:
+        """Drop a traced frame dynamo ran plain: dynamo marks a frame that hit its recompile
+        limit as skipped for good, so the next call must trace a fresh code object."""
+        self._compiled.pop(key, None)
+        _TRACED.pop(self._traced_key(key), None)
 
     def _call(self, args, kwargs):
         self._check_attached()
@@ -298,10 +306,16 @@ class InstrumentedModel(nn.Module):
             self._discover(args, kwargs)
         self._check_inputs(args, kwargs)
         spec = self._recording.spec if self._recording is not None else PLAIN
-        self._set_spec(spec)
+        if spec is not self._spec:
+            self._set_spec(spec)
+        key = (self._spec_key, _call_signature(args, kwargs))
         with calling(self) as ctx:
-            out = self._compiled_for(spec, args, kwargs)(*args, **kwargs)
-        self._verify(ctx)
+            out = self._compiled_for(key)(*args, **kwargs)
+        try:
+            self._verify(ctx)
+        except UninstrumentedExecutionError:
+            self._forget(key)
+            raise
         if self._recording is not None:
             self._recording._collect(ctx)
         return out
@@ -325,12 +339,14 @@ class InstrumentedModel(nn.Module):
     # ---- discovery (runs once, before any state exists) -----------------------------------
     def _discover(self, args, kwargs):
         self._set_spec(DISCOVER)
+        key = (self._spec_key, _call_signature(args, kwargs))
         try:
             with calling(self) as ctx, torch.no_grad():
-                self._compiled_for(DISCOVER, args, kwargs)(*args, **kwargs)
+                self._compiled_for(key)(*args, **kwargs)
         finally:
             self._set_spec(PLAIN)
         if ctx.graphs_run == 0:
+            self._forget(key)
             raise UninstrumentedExecutionError(
                 f"dynamo did not compile {type(self.model).__name__}.forward (skipped or disabled), "
                 "so attnfx cannot instrument it")
