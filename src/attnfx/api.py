@@ -10,10 +10,9 @@ outputs. The wrapped model is never modified; its parameters are shared.
 from __future__ import annotations
 
 import itertools
-import re
 import types
 import weakref
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -25,43 +24,10 @@ from .errors import (AlreadyInstrumentedError, DetachedError, DeviceMismatchErro
                      UninstrumentedExecutionError, UnsupportedModelError)
 from .sites import PATTERNS, example_value
 from .spec import DISCOVER, PLAIN, STEERING_STATE, Spec
+from .siteinfo import FinalNormInfo, GraphInfo, SiteInfo, format_sites, module_path
 from .unembed import find_final_norm
 
 __all__ = ["instrument", "InstrumentedModel", "SiteInfo", "FinalNormInfo"]
-
-
-@dataclass(frozen=True)
-class SiteInfo:
-    """One instrumented attention computation, as `im.sites` reports it."""
-
-    layer: int
-    module_path: str
-    pattern: str
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    d_model: int | None           # width of the output projection (None: projection not found)
-    causal: bool | None           # declared is_causal; None when an explicit mask decides
-    masked: bool
-    o_proj: str | None            # parameter name of W_O
-    value_bias: str | None        # parameter name of the bias that produces v, if any
-    occurrence: int = 0
-
-
-@dataclass(frozen=True)
-class FinalNormInfo:
-    kind: str                     # "layer_norm" | "rms_norm"
-    eps: float
-    weight: str | None            # parameter names
-    unembed: str
-    unembed_layout: str
-
-
-@dataclass(frozen=True)
-class GraphInfo:
-    sites: tuple[SiteInfo, ...]
-    final_norm: FinalNormInfo | None
-    notes: tuple[str, ...]
 
 
 _LIVE: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
@@ -162,19 +128,6 @@ def _traced_function(key: tuple) -> types.FunctionType:
         fn = types.FunctionType(code, _traced_forward.__globals__, code.co_name)
         _TRACED[key] = fn
     return fn
-
-
-_INDEX = re.compile(r"\[(\d+)\]")
-
-
-def _module_path(stack_path: str, module_names: set[str]) -> str:
-    """dynamo's "L['self']._model_forward.__self__.model.layers[0].attn" → "model.layers.0.attn"."""
-    parts = _INDEX.sub(r".\1", stack_path).split(".")
-    for start in range(len(parts)):
-        candidate = ".".join(parts[start:])
-        if candidate in module_names:
-            return candidate
-    return ""
 
 
 class InstrumentedModel(nn.Module):
@@ -379,7 +332,7 @@ class InstrumentedModel(nn.Module):
         module_names = {name for name, _ in self.model.named_modules()}
         infos = []
         for site in found:
-            path = _module_path(site.module_stack_path, module_names)
+            path = module_path(site.module_stack_path, module_names)
             o_val = example_value(site.o_weight) if site.o_weight is not None else None
             d_model = None if o_val is None else int(o_val.shape[0] if site.o_layout == "out_in" else o_val.shape[1])
             infos.append(SiteInfo(
@@ -406,15 +359,3 @@ class InstrumentedModel(nn.Module):
             self.model.named_parameters(remove_duplicate=False), self.model.named_buffers(remove_duplicate=False))}
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         return {node: by_id.get(id(value)) for node, value in zip(placeholders, example_inputs)}
-
-
-def format_sites(sites) -> str:
-    header = ("layer", "module", "pattern", "heads", "kv heads", "head dim", "mask", "W_O")
-    rows = [header] + [(str(s.layer), s.module_path or "<root>", s.pattern, str(s.num_heads),
-                        str(s.num_kv_heads), str(s.head_dim),
-                        "causal" if s.causal else ("explicit" if s.masked else "none"),
-                        s.o_proj or "-") for s in sites]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)

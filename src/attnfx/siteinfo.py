@@ -1,0 +1,65 @@
+"""What `im.sites` reports: one frozen SiteInfo per attention computation, the final norm's
+description for attribution, and the table `print(im)` shows."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SiteInfo:
+    """One instrumented attention computation, as `im.sites` reports it."""
+
+    layer: int
+    module_path: str
+    pattern: str
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    d_model: int | None           # width of the output projection (None: projection not found)
+    causal: bool | None           # declared is_causal; None when an explicit mask decides
+    masked: bool
+    o_proj: str | None            # parameter name of W_O
+    value_bias: str | None        # parameter name of the bias that produces v, if any
+    occurrence: int = 0
+
+
+@dataclass(frozen=True)
+class FinalNormInfo:
+    kind: str                     # "layer_norm" | "rms_norm"
+    eps: float
+    weight: str | None            # parameter names
+    unembed: str
+    unembed_layout: str
+
+
+@dataclass(frozen=True)
+class GraphInfo:
+    sites: tuple[SiteInfo, ...]
+    final_norm: FinalNormInfo | None
+    notes: tuple[str, ...]
+
+
+_INDEX = re.compile(r"\[(\d+)\]")
+
+
+def module_path(stack_path: str, module_names: set[str]) -> str:
+    """dynamo's "L['self']._model_forward.__self__.model.layers[0].attn" → "model.layers.0.attn"."""
+    parts = _INDEX.sub(r".\1", stack_path).split(".")
+    for start in range(len(parts)):
+        candidate = ".".join(parts[start:])
+        if candidate in module_names:
+            return candidate
+    return ""
+
+
+def format_sites(sites) -> str:
+    header = ("layer", "module", "pattern", "heads", "kv heads", "head dim", "mask", "W_O")
+    rows = [header] + [(str(s.layer), s.module_path or "<root>", s.pattern, str(s.num_heads),
+                        str(s.num_kv_heads), str(s.head_dim),
+                        "causal" if s.causal else ("explicit" if s.masked else "none"),
+                        s.o_proj or "-") for s in sites]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
