@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml setup.py
 	touch $@
 
 demo: $(STAMP)
-	$(PY) -m attnfx.cli demo --out demo-out
+	$(PY) -m attnfx.cli demo --backend inductor --out demo-out
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -217,6 +217,11 @@ class InstrumentedModel(nn.Module):
                 raise
             return getattr(model, name)
 
+    @property
+    def backend(self) -> str:
+        """The backend the rewritten graphs run on: "eager", "aot_eager" or "inductor"."""
+        return self._mode
+
     def extra_repr(self) -> str:
         return "backend=" + self._mode
 

@@ -1,16 +1,15 @@
-"""Plots for reports: a layer × head heatmap and a steering sweep curve.
+"""Plots for reports: a layer × head heatmap and answer rates against a steering factor.
 
 Figures are built with `matplotlib.figure.Figure` and written through its own Agg canvas, so
 nothing here touches pyplot's global state or the process-wide matplotlib backend.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-__all__ = ["head_heatmap", "sweep_curve"]
+__all__ = ["head_heatmap", "rate_curves"]
 
 
 def _figure(width: float, height: float):
@@ -44,19 +43,26 @@ def head_heatmap(values: torch.Tensor, path: str | Path, *, title: str, label: s
     return _save(fig, path)
 
 
-def sweep_curve(scales: Sequence[float], values: Sequence[float], path: str | Path, *, title: str,
-                xlabel: str, ylabel: str, baseline: float | None = None) -> Path:
-    """Write a metric against a steering factor; `baseline` is drawn as a dashed line."""
-    fig = _figure(5.0, 3.4)
+def rate_curves(sweeps: dict[str, dict], path: str | Path, *, title: str, baseline: float | None = None) -> Path:
+    """Answer rates against a steering factor, one colour per swept head: the in-context rate
+    solid, the memorised rate dashed. `sweeps`: label → {"points": [{"factor", "in_context",
+    "memorised"}, ...]}."""
+    fig = _figure(5.6, 3.8)
     ax = fig.add_subplot()
-    ax.plot(list(scales), list(values), marker="o")
+    for (label, sweep), colour in zip(sweeps.items(), ("tab:blue", "tab:orange", "tab:green", "tab:red")):
+        factors = [p["factor"] for p in sweep["points"]]
+        ax.plot(factors, [100 * p["in_context"] for p in sweep["points"]], marker="o", color=colour,
+                label=f"{label}: in-context")
+        ax.plot(factors, [100 * p["memorised"] for p in sweep["points"]], marker="x", ls="--",
+                color=colour, label=f"{label}: memorised")
     if baseline is not None:
-        ax.axhline(baseline, ls="--", color="gray", lw=1, label="unsteered")
-        ax.legend(fontsize=8)
+        ax.axhline(100 * baseline, ls=":", color="gray", lw=1, label="in-context, unsteered")
     ax.axvline(1.0, ls=":", color="gray", lw=1)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
+    ax.set_ylim(-2, 102)
+    ax.set_xlabel("value scale α (bias-free values)")
+    ax.set_ylabel("greedy answers (%)")
     ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     return _save(fig, path)
 
