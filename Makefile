@@ -26,6 +26,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/steering.py
+	$(PY) bench/kernels.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info demo-out .pytest_cache .hypothesis

@@ -2,7 +2,7 @@
 added here once csrc/ holds sources; until then this is a pure-Python package."""
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 csrc = Path(__file__).parent / "csrc"
 ext_modules, cmdclass = [], {}
@@ -12,4 +12,7 @@ if any(csrc.glob("*.cpp")):
     ext_modules = [cpp_extension.CppExtension("attnfx._C", sorted(str(p) for p in csrc.glob("*.cpp")))]
     cmdclass = {"build_ext": cpp_extension.BuildExtension}
 
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+# kernels/ sits at the top of the repository (DESIGN §5) and installs as attnfx.kernels.
+setup(packages=find_packages("src") + ["attnfx.kernels"],
+      package_dir={"": "src", "attnfx.kernels": "kernels"},
+      ext_modules=ext_modules, cmdclass=cmdclass)

@@ -1,0 +1,181 @@
+"""Flash-attention forward (online softmax, O(T) memory) that steers and records heads.
+
+One program handles BLOCK_M queries of one (batch, query head) and streams the keys of its kv
+head (GQA: never expanded). Each extra is a constexpr switch, so the plain path compiles to
+the plain kernel:
+
+* HAS_SCALE    z_h ← scale[h] · z_h (the runtime steering tensor, query-head level)
+* HAS_READOUT  readout[b, t, h, :] = z_h · u_h for K directions u [H, d, K] (DLA in the epilogue)
+* HAS_MASS     mass[b, t, h, s] = Σ_{j ∈ span s} p_tj for key spans [start, end) — retrieval /
+               lookback / sink scores without the T×S matrix; accumulated like the output
+               (rescaled whenever the running max moves), divided by the row sum at the end
+* WRITE_LSE    log-sum-exp per row (natural log, −inf for a row with no visible key)
+* WRITE_O      z itself (off when only readouts or statistics are wanted)
+
+Causal masking is aligned bottom-right (query t sees keys j ≤ t + S − T), which is the
+KV-cache convention; for T == S it is the usual lower triangle. A boolean key mask [b, S]
+(True = attend) covers padding. Softmax runs in base 2 with fp32 statistics and accumulation
+whatever the input dtype.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+_INTERPRET = __import__("os").environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _attention_fwd(
+    Q, K, V, O, LSE, KEY_MASK, HEAD_SCALE, U, READOUT, SPANS, MASS,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_ob, stride_oh, stride_ot, stride_od,
+    stride_mb, stride_ms,
+    stride_uh, stride_ud, stride_uk,
+    H, T, S, D, GROUP, NUM_DIRS, NUM_SPANS, causal_offset, qk_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_SCALE: tl.constexpr,
+    HAS_READOUT: tl.constexpr, HAS_MASS: tl.constexpr, WRITE_O: tl.constexpr, WRITE_LSE: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    kv = h // GROUP
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < T
+    d_ok = offs_d < D
+
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if HAS_MASS:
+        offs_s = tl.arange(0, BLOCK_S)
+        span_lo = tl.load(SPANS + offs_s * 2, mask=offs_s < NUM_SPANS, other=0)
+        span_hi = tl.load(SPANS + offs_s * 2 + 1, mask=offs_s < NUM_SPANS, other=0)
+        mass = tl.zeros([BLOCK_M, BLOCK_S], tl.float32)
+
+    k_base = K + b * stride_kb + kv * stride_kh
+    v_base = V + b * stride_vb + kv * stride_vh
+    end = S
+    if CAUSAL:
+        end = tl.minimum(S, (pid_m + 1) * BLOCK_M + causal_offset)
+    for start in range(0, end, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        col_ok = offs_n < S
+        k = tl.load(k_base + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd,
+                    mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+        s = tl.dot(q, k, input_precision=PRECISION) * qk_scale          # base-2 logits [M, N]
+        visible = col_ok[None, :] & row_ok[:, None]
+        if CAUSAL:
+            visible = visible & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
+        if HAS_KEY_MASK:
+            keep = tl.load(KEY_MASK + b * stride_mb + offs_n * stride_ms, mask=col_ok, other=0)
+            visible = visible & (keep[None, :] != 0)
+        s = tl.where(visible, s, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)         # rows with nothing visible yet
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        if HAS_MASS:
+            in_span = (offs_n[:, None] >= span_lo[None, :]) & (offs_n[:, None] < span_hi[None, :])
+            mass = mass * alpha[:, None] + tl.dot(p, in_span.to(tl.float32), input_precision="ieee")
+        m_i = m_new
+
+    seen = l_i > 0.0                                                 # the row saw some key
+    inv_l = tl.where(seen, 1.0 / tl.where(seen, l_i, 1.0), 0.0)
+    z = acc * inv_l[:, None]
+    if HAS_SCALE:
+        z = z * tl.load(HEAD_SCALE + h).to(tl.float32)
+
+    row_t = b * T + offs_m                                           # row of [b·T] outputs
+    if WRITE_O:
+        tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
+                 z.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    if WRITE_LSE:
+        lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+        tl.store(LSE + pid_bh * T + offs_m, lse, mask=row_ok)
+    if HAS_READOUT:
+        offs_k = tl.arange(0, BLOCK_K)
+        u = tl.load(U + h * stride_uh + offs_d[:, None] * stride_ud + offs_k[None, :] * stride_uk,
+                    mask=d_ok[:, None] & (offs_k[None, :] < NUM_DIRS), other=0.0).to(tl.float32)
+        r = tl.dot(z, u, input_precision="ieee")                      # [M, K]
+        tl.store(READOUT + (row_t[:, None] * H + h) * NUM_DIRS + offs_k[None, :], r,
+                 mask=row_ok[:, None] & (offs_k[None, :] < NUM_DIRS))
+    if HAS_MASS:
+        frac = mass * inv_l[:, None]
+        tl.store(MASS + (row_t[:, None] * H + h) * NUM_SPANS + offs_s[None, :], frac,
+                 mask=row_ok[:, None] & (offs_s[None, :] < NUM_SPANS))
+
+
+def _pow2(n: int, floor: int = 16) -> int:
+    return max(floor, triton.next_power_of_2(n))
+
+
+def attention_fwd(q, k, v, *, causal: bool = False, key_mask=None, sm_scale: float | None = None,
+                  head_scale=None, directions=None, spans=None, write_o: bool = True, write_lse: bool = True):
+    """q [b, H, T, d], k/v [b, Hkv, S, d] (H a multiple of Hkv). Returns a dict with "o"
+    [b, H, T, d] (input dtype), "lse" [b, H, T], "readout" [b, T, H, K], "mass" [b, T, H, n]
+    (fp32), each present only when asked for. `directions` [H, d, K]; `spans` [n, 2] int
+    (start, end) key ranges; `key_mask` [b, S] bool; `head_scale` [H]."""
+    b, H, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    if H % Hkv:
+        raise ValueError(f"query heads ({H}) must be a multiple of kv heads ({Hkv})")
+    sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
+    dev, f32 = q.device, torch.float32
+    out = {}
+    o = torch.empty_like(q) if write_o else q.new_empty(1)
+    lse = torch.empty(b, H, T, device=dev, dtype=f32) if write_lse else q.new_empty(1, dtype=f32)
+    num_dirs = 0 if directions is None else directions.shape[-1]
+    readout = torch.empty(b, T, H, num_dirs, device=dev, dtype=f32) if num_dirs else q.new_empty(1, dtype=f32)
+    num_spans = 0 if spans is None else spans.shape[0]
+    spans_i = spans.to(device=dev, dtype=torch.int32).contiguous() if num_spans else q.new_zeros(2, dtype=torch.int32)
+    mass = torch.empty(b, T, H, num_spans, device=dev, dtype=f32) if num_spans else q.new_empty(1, dtype=f32)
+    mask_i = key_mask.to(device=dev, dtype=torch.int8) if key_mask is not None else q.new_zeros(1, 1, dtype=torch.int8)
+    u = directions if num_dirs else q.new_zeros(1, 1, 1)
+    scale = head_scale if head_scale is not None else q.new_ones(1)
+    block_d = _pow2(D)
+    block_m, block_n = (32, 32) if _INTERPRET else ((128, 64) if block_d <= 64 else (64, 64))
+    if not _INTERPRET and block_d > 128:
+        block_m, block_n = 64, 32
+    grid = (triton.cdiv(T, block_m), b * H)
+    _attention_fwd[grid](
+        q, k, v, o, lse, mask_i, scale, u, readout, spans_i, mass,
+        *q.stride(), *k.stride(), *v.stride(), *(o.stride() if write_o else (0, 0, 0, 0)),
+        *(mask_i.stride() if key_mask is not None else (0, 0)),
+        *(u.stride() if num_dirs else (0, 0, 0)),
+        H, T, S, D, H // Hkv, num_dirs, num_spans, S - T, sm_scale * LOG2E,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_K=_pow2(max(num_dirs, 1)),
+        BLOCK_S=_pow2(max(num_spans, 1)), CAUSAL=causal, HAS_KEY_MASK=key_mask is not None,
+        HAS_SCALE=head_scale is not None, HAS_READOUT=num_dirs > 0, HAS_MASS=num_spans > 0,
+        WRITE_O=write_o, WRITE_LSE=write_lse, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=4 if block_d <= 64 else 8, num_stages=1 if _INTERPRET else 3,
+    )
+    if write_o:
+        out["o"] = o
+    if write_lse:
+        out["lse"] = lse
+    if num_dirs:
+        out["readout"] = readout
+    if num_spans:
+        out["mass"] = mass
+    return out

@@ -1,0 +1,1 @@
+"""Ops of attnfx, each with a plain-torch reference (the oracle the kernels are tested against)."""

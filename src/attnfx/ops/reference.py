@@ -1,0 +1,57 @@
+"""Plain-torch references of the kernels (DESIGN §4): materialise everything, no tricks.
+
+`attention(q, k, v, ...)` is the oracle of `kernels/attention.py`: same arguments, same
+outputs, computed from the full [b, H, T, S] probability matrix in fp32.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def attention_mask(T: int, S: int, *, causal: bool, key_mask=None, device=None) -> torch.Tensor:
+    """[b or 1, 1, T, S] bool, True = visible. Causal is aligned bottom-right (query t sees
+    keys j ≤ t + S − T: the KV-cache convention)."""
+    visible = torch.ones(1, 1, T, S, dtype=torch.bool, device=device)
+    if causal:
+        t = torch.arange(T, device=device)[:, None]
+        j = torch.arange(S, device=device)[None, :]
+        visible = visible & (j <= t + S - T)
+    if key_mask is not None:
+        visible = visible & key_mask.bool()[:, None, None, :]
+    return visible
+
+
+def attention(q, k, v, *, causal: bool = False, key_mask=None, sm_scale: float | None = None,
+              head_scale=None, directions=None, spans=None, write_o: bool = True, write_lse: bool = True):
+    """q [b, H, T, d], k/v [b, Hkv, S, d]. Returns {"o", "lse", "readout", "mass"} as the kernel
+    does: o in q's dtype (z_h, scaled by head_scale[h]), lse [b, H, T], readout = z_h · u_h
+    [b, T, H, K], mass = Σ_{j∈[start,end)} p_tj [b, T, H, n]; fp32 statistics. A row with no
+    visible key has z = 0, lse = −inf, mass = 0."""
+    b, H, T, D = q.shape
+    group = H // k.shape[1]
+    S = k.shape[2]
+    sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
+    kf = k.float().repeat_interleave(group, dim=1)
+    vf = v.float().repeat_interleave(group, dim=1)
+    logits = (q.float() @ kf.transpose(-1, -2)) * sm_scale
+    visible = attention_mask(T, S, causal=causal, key_mask=key_mask, device=q.device)
+    logits = logits.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1)                             # [b, H, T]
+    probs = torch.exp(logits - lse[..., None]).nan_to_num(0.0)        # rows with nothing visible → 0
+    z = probs @ vf
+    if head_scale is not None:
+        z = z * head_scale.float()[None, :, None, None]
+    out = {}
+    if write_o:
+        out["o"] = z.to(q.dtype)
+    if write_lse:
+        out["lse"] = lse
+    if directions is not None:
+        out["readout"] = torch.einsum("bhtd,hdk->bthk", z, directions.float())
+    if spans is not None and len(spans):
+        j = torch.arange(S, device=q.device)
+        inside = torch.stack([(j >= lo) & (j < hi) for lo, hi in spans.tolist()], dim=-1).float()  # [S, n]
+        out["mass"] = (probs @ inside).transpose(1, 2)                 # [b, T, H, n]
+    return out

@@ -1,0 +1,104 @@
+"""The Triton attention forward (kernels/attention.py) against the plain-torch reference
+(attnfx.ops.reference.attention): every output, over shapes, masks, GQA ratios, head dims and
+dtypes. Without CUDA the kernel runs in Triton's interpreter (fp32/fp16; short sequences)."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"      # read when the kernel module is imported
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from _tol import TOL
+from attnfx.kernels.attention import attention_fwd
+from attnfx.ops import reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16]
+
+
+@st.composite
+def cases(draw):
+    kv_heads = draw(st.sampled_from([1, 2]))
+    T = draw(st.integers(1, 70))
+    return dict(
+        batch=draw(st.integers(1, 2)), kv_heads=kv_heads, heads=kv_heads * draw(st.sampled_from([1, 2, 4])),
+        T=T, S=T + draw(st.sampled_from([0, 0, 5])), d=draw(st.sampled_from([16, 24, 32, 64])),
+        causal=draw(st.booleans()), padded=draw(st.booleans()), K=draw(st.integers(1, 5)),
+        spans=draw(st.integers(1, 3)), dtype=draw(st.sampled_from(DTYPES)))
+
+
+def _inputs(c, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    b, H, Hkv, T, S, d = c["batch"], c["heads"], c["kv_heads"], c["T"], c["S"], c["d"]
+    q, k, v = (torch.randn(b, h, n, d, generator=g) for h, n in ((H, T), (Hkv, S), (Hkv, S)))
+    key_mask = None
+    if c["padded"]:
+        key_mask = torch.ones(b, S, dtype=torch.bool)
+        key_mask[0, : S // 3] = False                                  # left padding of row 0
+    extras = dict(head_scale=torch.rand(H, generator=g) * 3 - 1, directions=torch.randn(H, d, c["K"], generator=g),
+                  spans=torch.tensor([[0, 1], [S // 2, S], [1, max(2, S // 3)]][: c["spans"]]))
+    cast = lambda t: t.to(DEVICE, c["dtype"])                          # noqa: E731
+    return (cast(q), cast(k), cast(v)), dict(causal=c["causal"], key_mask=None if key_mask is None else key_mask.to(DEVICE),
+                                             **{n: t.to(DEVICE) for n, t in extras.items()})
+
+
+def _check(got, want, dtype):
+    assert set(got) == set(want)
+    tol = TOL[dtype]
+    for name in want:
+        g, w = got[name].float(), want[name].float()
+        finite = torch.isfinite(w)
+        assert torch.equal(finite, torch.isfinite(g)), name
+        torch.testing.assert_close(g[finite], w[finite], rtol=tol, atol=tol, msg=name)
+
+
+@settings(max_examples=25)      # cheap: no compilation, small shapes
+@given(cases())
+def test_forward_matches_the_reference(c):
+    (q, k, v), kw = _inputs(c)
+    _check(attention_fwd(q, k, v, **kw), reference.attention(q, k, v, **kw), c["dtype"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_plain_path_is_the_output_alone(dtype):
+    c = dict(batch=2, kv_heads=2, heads=4, T=37, S=37, d=32, causal=True, padded=False, K=1, spans=1, dtype=dtype)
+    (q, k, v), _ = _inputs(c)
+    got = attention_fwd(q, k, v, causal=True, write_lse=False)
+    assert set(got) == {"o"}
+    want = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float().repeat_interleave(2, 1),
+                                                            v.float().repeat_interleave(2, 1), is_causal=True)
+    torch.testing.assert_close(got["o"].float(), want, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+def test_statistics_are_consistent():
+    """Σ over a span covering every key is 1; exp(lse) is the softmax normaliser; the readout
+    along the identity directions is z itself."""
+    c = dict(batch=1, kv_heads=1, heads=2, T=40, S=40, d=16, causal=True, padded=True, K=1, spans=1,
+             dtype=torch.float32)
+    (q, k, v), kw = _inputs(c)
+    eye = torch.eye(16, device=DEVICE).expand(2, 16, 16).contiguous()
+    got = attention_fwd(q, k, v, causal=True, key_mask=kw["key_mask"], directions=eye,
+                        spans=torch.tensor([[0, 40]]))
+    valid = got["lse"].isfinite()                                      # rows that see some key
+    torch.testing.assert_close(got["mass"][..., 0], valid.transpose(1, 2).float(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(got["readout"], got["o"].transpose(1, 2), rtol=1e-5, atol=1e-5)
+
+
+def test_a_row_that_sees_no_key_is_zero():
+    c = dict(batch=1, kv_heads=1, heads=1, T=8, S=8, d=16, causal=False, padded=False, K=2, spans=1,
+             dtype=torch.float32)
+    (q, k, v), kw = _inputs(c)
+    got = attention_fwd(q, k, v, key_mask=torch.zeros(1, 8, dtype=torch.bool, device=DEVICE),
+                        directions=kw["directions"], spans=kw["spans"])
+    assert torch.equal(got["o"], torch.zeros_like(got["o"]))
+    assert torch.equal(got["lse"], torch.full_like(got["lse"], float("-inf")))
+    assert not got["readout"].any() and not got["mass"].any()
+
+
+def test_gqa_ratio_must_divide():
+    q, k = torch.randn(1, 3, 4, 16, device=DEVICE), torch.randn(1, 2, 4, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="multiple of kv heads"):
+        attention_fwd(q, k, k)
