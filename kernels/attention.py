@@ -179,3 +179,150 @@ def attention_fwd(q, k, v, *, causal: bool = False, key_mask=None, sm_scale: flo
     if num_spans:
         out["mass"] = mass
     return out
+
+
+# ---- backward ------------------------------------------------------------------------------------
+@triton.jit
+def _visible(offs_m, offs_n, T, S, b, KEY_MASK, stride_mb, stride_ms, causal_offset,
+             CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr):
+    ok = (offs_m[:, None] < T) & (offs_n[None, :] < S)
+    if CAUSAL:
+        ok = ok & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
+    if HAS_KEY_MASK:
+        keep = tl.load(KEY_MASK + b * stride_mb + offs_n * stride_ms, mask=offs_n < S, other=0)
+        ok = ok & (keep[None, :] != 0)
+    return ok
+
+
+@triton.jit
+def _attention_bwd_dkdv(
+    Q, K, V, DO, LSE, DELTA, DK, DV, KEY_MASK,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_mb, stride_ms,
+    H, HKV, T, S, D, GROUP, causal_offset, sm_scale, k_grad_scale, v_grad_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dK, dV of one key block of one kv head: sums over the queries of every head in its group.
+    q/do/dq share strides (contiguous [b, H, T, d]); k/v/dk/dv share theirs ([b, Hkv, S, d])."""
+    pid_n = tl.program_id(0)
+    pid_bkv = tl.program_id(1)
+    b = pid_bkv // HKV
+    kv = pid_bkv % HKV
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    col_ok = offs_n < S
+    d_ok = offs_d < D
+    kv_off = b * stride_kb + kv * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd
+    k = tl.load(K + kv_off, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+    v = tl.load(V + kv_off, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    first = 0
+    if CAUSAL:
+        first = tl.maximum(pid_n * BLOCK_N - causal_offset, 0) // BLOCK_M * BLOCK_M
+    for g in range(GROUP):
+        h = kv * GROUP + g
+        for start in range(first, T, BLOCK_M):
+            offs_m = start + tl.arange(0, BLOCK_M)
+            row_ok = offs_m < T
+            q_off = b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd
+            q = tl.load(Q + q_off, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            do = tl.load(DO + q_off, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            lse = tl.load(LSE + (b * H + h) * T + offs_m, mask=row_ok, other=float("inf"))
+            lse = tl.where(lse == float("-inf"), float("inf"), lse)        # rows that saw no key: p = 0
+            delta = tl.load(DELTA + (b * H + h) * T + offs_m, mask=row_ok, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale
+            ok = _visible(offs_m, offs_n, T, S, b, KEY_MASK, stride_mb, stride_ms, causal_offset,
+                          CAUSAL, HAS_KEY_MASK)
+            p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)                # [M, N]
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+    tl.store(DK + kv_off, (dk * (sm_scale * k_grad_scale)).to(DK.dtype.element_ty),
+             mask=col_ok[:, None] & d_ok[None, :])
+    tl.store(DV + kv_off, (dv * v_grad_scale).to(DV.dtype.element_ty), mask=col_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _attention_bwd_dq(
+    Q, K, V, DO, LSE, DELTA, DQ, KEY_MASK,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_mb, stride_ms,
+    H, T, S, D, GROUP, causal_offset, sm_scale, q_grad_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dQ of one query block of one head (a second pass: no atomics, deterministic)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    kv = h // GROUP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < T
+    d_ok = offs_d < D
+    q_off = b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd
+    q = tl.load(Q + q_off, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    do = tl.load(DO + q_off, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    lse = tl.load(LSE + pid_bh * T + offs_m, mask=row_ok, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    delta = tl.load(DELTA + pid_bh * T + offs_m, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    end = S
+    if CAUSAL:
+        end = tl.minimum(S, (pid_m + 1) * BLOCK_M + causal_offset)
+    for start in range(0, end, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        col_ok = offs_n < S
+        kv_off = b * stride_kb + kv * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd
+        k = tl.load(K + kv_off, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(V + kv_off, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale
+        ok = _visible(offs_m, offs_n, T, S, b, KEY_MASK, stride_mb, stride_ms, causal_offset,
+                      CAUSAL, HAS_KEY_MASK)
+        p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    tl.store(DQ + q_off, (dq * (sm_scale * q_grad_scale)).to(DQ.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok[None, :])
+
+
+# AttnLRP (DESIGN §3): uniform rule on QKᵀ and on AV → grad q, k × ¼ and grad v × ½.
+LRP_GRAD_SCALES = {"q": 0.25, "k": 0.25, "v": 0.5}
+
+
+def attention_bwd(do, q, k, v, o, lse, *, causal: bool = False, key_mask=None, sm_scale: float | None = None,
+                  lrp: bool = False, delta=None):
+    """Gradients of o = softmax(q kᵀ · scale) v (o unscaled by any head scale; `do` the gradient
+    at that o) → (dq, dk, dv, relevance), relevance [b, H, T] = Σ_d do ⊙ o per row (the rowsum
+    the flash backward needs anyway; with lrp=True it is each head's AttnLRP relevance). lrp=True
+    also scales dq, dk by ¼ and dv by ½. `delta` overrides the rowsum (a caller whose output was
+    scaled after the kernel passes Σ grad ⊙ output, which is the same number)."""
+    b, H, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
+    q, k, v, do = (t.contiguous() for t in (q, k, v, do))
+    relevance = (do.float() * o.float()).sum(-1) if delta is None else delta.float().contiguous()   # [b, H, T]
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    mask_i = key_mask.to(device=q.device, dtype=torch.int8) if key_mask is not None else q.new_zeros(1, 1, dtype=torch.int8)
+    mask_strides = mask_i.stride() if key_mask is not None else (0, 0)
+    block_d = _pow2(D)
+    block = 32 if _INTERPRET else (64 if block_d <= 64 else 32)
+    scales = LRP_GRAD_SCALES if lrp else {"q": 1.0, "k": 1.0, "v": 1.0}
+    common = dict(BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, CAUSAL=causal, HAS_KEY_MASK=key_mask is not None,
+                  PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+                  num_warps=4 if block_d <= 64 else 8, num_stages=1 if _INTERPRET else 2)
+    lse = lse.contiguous()
+    _attention_bwd_dkdv[(triton.cdiv(S, block), b * Hkv)](
+        q, k, v, do, lse, relevance, dk, dv, mask_i, *q.stride(), *k.stride(), *mask_strides,
+        H, Hkv, T, S, D, H // Hkv, S - T, sm_scale, scales["k"], scales["v"], **common)
+    _attention_bwd_dq[(triton.cdiv(T, block), b * H)](
+        q, k, v, do, lse, relevance, dq, mask_i, *q.stride(), *k.stride(), *mask_strides,
+        H, T, S, D, H // Hkv, S - T, sm_scale, scales["q"], **common)
+    return dq, dk, dv, relevance

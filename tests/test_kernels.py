@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from _tol import TOL
-from attnfx.kernels.attention import attention_fwd
+from attnfx.kernels.attention import LRP_GRAD_SCALES, attention_bwd, attention_fwd
 from attnfx.ops import reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -102,3 +102,26 @@ def test_gqa_ratio_must_divide():
     q, k = torch.randn(1, 3, 4, 16, device=DEVICE), torch.randn(1, 2, 4, 16, device=DEVICE)
     with pytest.raises(ValueError, match="multiple of kv heads"):
         attention_fwd(q, k, k)
+
+
+def _reference_grads(q, k, v, do, kw, lrp):
+    leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    o = reference.attention(*leaves, **kw)["o"]
+    grads = torch.autograd.grad(o, leaves, do.float())
+    if lrp:
+        grads = [g * LRP_GRAD_SCALES[n] for g, n in zip(grads, "qkv")]
+    return grads, (do.float() * o.detach()).sum(-1)
+
+
+@settings(max_examples=20)
+@given(cases(), st.booleans())
+def test_backward_matches_the_reference(c, lrp):
+    (q, k, v), kw = _inputs(c)
+    kw = {n: kw[n] for n in ("causal", "key_mask")}
+    fwd = attention_fwd(q, k, v, **kw)
+    do = torch.randn_like(fwd["o"])
+    got = attention_bwd(do, q, k, v, fwd["o"], fwd["lse"], lrp=lrp, **kw)
+    (dq, dk, dv), relevance = _reference_grads(q, k, v, do, kw, lrp)
+    tol = TOL[c["dtype"]]
+    for name, g, w in zip(("dq", "dk", "dv", "relevance"), got, (dq, dk, dv, relevance)):
+        torch.testing.assert_close(g.float(), w, rtol=tol, atol=tol, msg=name)

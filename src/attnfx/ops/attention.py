@@ -1,0 +1,130 @@
+"""`attnfx::attention`: the fused attention as a torch.library op (custom_op + register_fake +
+register_autograd), dispatched to the Triton kernel or to the plain-torch reference.
+
+    o, lse, readout, mass = torch.ops.attnfx.attention(q, k, v, key_mask, head_scale, directions,
+                                                       spans, causal, sm_scale, lrp)
+
+Shapes as in `kernels/attention.py`; readout [b, T, H, K] and mass [b, T, H, n] are empty (K or
+n = 0) when `directions` / `spans` are None. Gradients flow to q, k, v (and `directions`);
+lse and mass are statistics without a gradient, head_scale is a steering factor without one.
+`lrp=True` applies AttnLRP's attention rule in the backward (grad q, k × ¼, grad v × ½).
+
+Which implementation runs: `set_attention_backend("triton" | "reference" | None)`; None (the
+default) is Triton on CUDA and the reference elsewhere. On CPU, "triton" needs
+TRITON_INTERPRET=1 set before the kernel module is first imported.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from ..errors import InvalidArgumentError
+from . import reference
+
+ATTENTION_BACKENDS = ("triton", "reference")
+_forced: str | None = None
+
+
+def set_attention_backend(name: str | None) -> None:
+    """Force one implementation of attnfx::attention (None: Triton on CUDA, reference elsewhere)."""
+    global _forced
+    if name is not None and name not in ATTENTION_BACKENDS:
+        raise InvalidArgumentError(f"attention backend must be one of {ATTENTION_BACKENDS} or None, got {name!r}")
+    _forced = name
+
+
+def attention_backend(device: torch.device) -> str:
+    return _forced or ("triton" if device.type == "cuda" else "reference")
+
+
+def _kernels(device: torch.device):
+    import os
+
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise InvalidArgumentError(
+            f"the Triton attention backend on {device.type} needs TRITON_INTERPRET=1 set before triton is "
+            "imported (Triton's CPU interpreter, fp32/fp16 only); or use set_attention_backend('reference')")
+    from attnfx.kernels import attention as kernels       # imports triton: only when it is used
+
+    return kernels
+
+
+def _empty_extras(q, directions, spans):
+    b, H, T, _ = q.shape
+    readout = q.new_empty(b, T, H, 0, dtype=torch.float32) if directions is None else None
+    mass = q.new_empty(b, T, H, 0, dtype=torch.float32) if spans is None else None
+    return readout, mass
+
+
+@torch.library.custom_op("attnfx::attention", mutates_args=())
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: Optional[torch.Tensor],
+              head_scale: Optional[torch.Tensor], directions: Optional[torch.Tensor],
+              spans: Optional[torch.Tensor], causal: bool, sm_scale: float, lrp: bool
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    impl = _kernels(q.device).attention_fwd if attention_backend(q.device) == "triton" else reference.attention
+    out = impl(q, k, v, causal=causal, key_mask=key_mask, sm_scale=sm_scale, head_scale=head_scale,
+               directions=directions, spans=spans)
+    readout, mass = _empty_extras(q, directions, spans)
+    return (out["o"], out["lse"], out["readout"] if readout is None else readout,
+            out["mass"] if mass is None else mass)
+
+
+@attention.register_fake
+def _(q, k, v, key_mask, head_scale, directions, spans, causal, sm_scale, lrp):
+    b, H, T, _ = q.shape
+    K = 0 if directions is None else directions.shape[-1]
+    n = 0 if spans is None else spans.shape[0]
+    return (torch.empty_like(q), q.new_empty(b, H, T, dtype=torch.float32),
+            q.new_empty(b, T, H, K, dtype=torch.float32), q.new_empty(b, T, H, n, dtype=torch.float32))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, key_mask, head_scale, directions, spans, causal, sm_scale, lrp = inputs
+    o, lse, _, _ = output
+    ctx.save_for_backward(q, k, v, o, lse, key_mask, head_scale, directions)
+    ctx.causal, ctx.sm_scale, ctx.lrp = causal, sm_scale, lrp
+
+
+def _backward(ctx, grad_o, grad_lse, grad_readout, grad_mass):
+    q, k, v, o, lse, key_mask, head_scale, directions = ctx.saved_tensors
+    g = grad_o.float()                                                 # gradient at the returned o
+    grad_directions = None
+    if directions is not None:
+        g = g + torch.einsum("bthk,hdk->bhtd", grad_readout.float(), directions.float())
+        grad_directions = torch.einsum("bhtd,bthk->hdk", o.float(), grad_readout.float()).to(directions.dtype)
+    delta = (g * o.float()).sum(-1)                                    # Σ grad ⊙ z, head scale included
+    if head_scale is not None:
+        g = g * head_scale.float()[None, :, None, None]                # gradient at the unscaled z
+    dq, dk, dv = torch.ops.attnfx.attention_backward(g.to(q.dtype), q, k, v, o, lse, key_mask, delta,
+                                                     ctx.causal, ctx.sm_scale, ctx.lrp)
+    return dq, dk, dv, None, None, grad_directions, None, None, None, None
+
+
+@torch.library.custom_op("attnfx::attention_backward", mutates_args=())
+def attention_backward(grad_z: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                       lse: torch.Tensor, key_mask: Optional[torch.Tensor], delta: torch.Tensor, causal: bool,
+                       sm_scale: float, lrp: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv given the gradient at the unscaled z (an op of its own, so that AOT autograd
+    traces the backward as one node instead of looking inside the kernel)."""
+    if attention_backend(q.device) == "triton":
+        dq, dk, dv, _ = _kernels(q.device).attention_bwd(grad_z, q, k, v, o, lse, causal=causal, key_mask=key_mask,
+                                                         sm_scale=sm_scale, lrp=lrp, delta=delta)
+        return dq, dk, dv
+    return reference.attention_backward(grad_z, q, k, v, causal=causal, key_mask=key_mask, sm_scale=sm_scale, lrp=lrp)
+
+
+@attention_backward.register_fake
+def _(grad_z, q, k, v, o, lse, key_mask, delta, causal, sm_scale, lrp):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+def fused_attention(q, k, v, *, causal=False, key_mask=None, sm_scale=None, head_scale=None, directions=None,
+                    spans=None, lrp=False):
+    """The op with keyword arguments and the default scale 1/√d."""
+    sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
+    return torch.ops.attnfx.attention(q, k, v, key_mask, head_scale, directions, spans, causal, sm_scale, lrp)

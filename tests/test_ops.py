@@ -1,0 +1,96 @@
+"""attnfx::attention as a torch.library op: opcheck (schema, fake, autograd registration, AOT
+dispatch) on both implementations, and outputs and gradients against the reference."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest
+
+from _tol import TOL
+from attnfx.errors import InvalidArgumentError
+from attnfx.ops import reference
+from attnfx.ops.attention import fused_attention, set_attention_backend
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+IMPLS = ["reference", "triton"]
+
+
+@pytest.fixture(params=IMPLS)
+def impl(request):
+    set_attention_backend(request.param)
+    yield request.param
+    set_attention_backend(None)
+
+
+def _args(dtype=torch.float32, causal=True, extras=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, 4, 19, 16, generator=g)
+    k, v = torch.randn(2, 2, 19, 16, generator=g), torch.randn(2, 2, 19, 16, generator=g)
+    key_mask = torch.ones(2, 19, dtype=torch.bool)
+    key_mask[1, :4] = False
+    head_scale = torch.tensor([1.0, 0.0, 2.5, -1.0])
+    directions = torch.randn(4, 16, 3, generator=g) if extras else None
+    spans = torch.tensor([[0, 1], [5, 19]]) if extras else None
+    dev = lambda t: None if t is None else t.to(DEVICE)               # noqa: E731
+    return [dev(q).to(dtype), dev(k).to(dtype), dev(v).to(dtype), dev(key_mask), dev(head_scale),
+            dev(directions), dev(spans), causal, 0.25, False]
+
+
+@pytest.mark.parametrize("extras", [True, False])
+def test_opcheck(impl, extras):
+    args = _args(extras=extras)
+    for i in (0, 1, 2):
+        args[i].requires_grad_()
+    if extras:
+        args[5].requires_grad_()
+    torch.library.opcheck(torch.ops.attnfx.attention.default, tuple(args))
+
+
+def test_outputs_and_gradients_match_the_reference(impl):
+    args = _args()
+    leaves = [args[i].clone().requires_grad_() for i in (0, 1, 2, 5)]
+    o, lse, readout, mass = torch.ops.attnfx.attention(*leaves[:3], args[3], args[4], leaves[3], *args[6:])
+    kw = dict(causal=True, key_mask=args[3], sm_scale=0.25, head_scale=args[4], spans=args[6])
+    ref_leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    want = reference.attention(*ref_leaves[:3], directions=ref_leaves[3], **kw)
+    for got, name in ((o, "o"), (lse, "lse"), (readout, "readout"), (mass, "mass")):
+        finite = want[name].isfinite()
+        torch.testing.assert_close(got[finite], want[name][finite], rtol=TOL[torch.float32], atol=TOL[torch.float32])
+    g = torch.Generator().manual_seed(1)
+    go, gr = torch.randn(o.shape, generator=g).to(DEVICE), torch.randn(readout.shape, generator=g).to(DEVICE)
+    got = torch.autograd.grad((o * go).sum() + (readout * gr).sum(), leaves)
+    want_g = torch.autograd.grad((want["o"] * go).sum() + (want["readout"] * gr).sum(), ref_leaves)
+    for a, b, name in zip(got, want_g, ("dq", "dk", "dv", "d directions")):
+        torch.testing.assert_close(a, b, rtol=TOL[torch.float32], atol=TOL[torch.float32], msg=name)
+
+
+def test_lrp_mode_scales_the_gradients(impl):
+    args = _args(extras=False)
+    grads = {}
+    for lrp in (False, True):
+        leaves = [args[i].clone().requires_grad_() for i in (0, 1, 2)]
+        o = fused_attention(*leaves, causal=True, key_mask=args[3], sm_scale=0.25, head_scale=args[4], lrp=lrp)[0]
+        grads[lrp] = torch.autograd.grad(o.sum(), leaves)
+    for plain, lrp, factor in zip(grads[False], grads[True], (0.25, 0.25, 0.5)):
+        torch.testing.assert_close(lrp, plain * factor, rtol=1e-6, atol=1e-7)
+
+
+def test_backend_choice_is_checked():
+    with pytest.raises(InvalidArgumentError, match="triton"):
+        set_attention_backend("cuda")
+
+
+def test_reference_backward_is_the_autograd_of_the_reference():
+    """The written-out reference backward (used inside the op) against torch autograd."""
+    args = _args(extras=False)
+    q, k, v, key_mask = args[:4]
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    z = reference.attention(*leaves, causal=True, key_mask=key_mask, sm_scale=0.25)["o"]
+    g = torch.randn_like(z)
+    want = torch.autograd.grad(z, leaves, g)
+    got = reference.attention_backward(g, *leaves, causal=True, key_mask=key_mask, sm_scale=0.25)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
