@@ -143,7 +143,7 @@ def attention_fwd(q, k, v, *, causal: bool = False, key_mask=None, sm_scale: flo
     sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
     dev, f32 = q.device, torch.float32
     out = {}
-    o = torch.empty_like(q) if write_o else q.new_empty(1)
+    o = q.new_empty(q.shape) if write_o else q.new_empty(1)               # contiguous whatever q is
     lse = torch.empty(b, H, T, device=dev, dtype=f32) if write_lse else q.new_empty(1, dtype=f32)
     num_dirs = 0 if directions is None else directions.shape[-1]
     readout = torch.empty(b, T, H, num_dirs, device=dev, dtype=f32) if num_dirs else q.new_empty(1, dtype=f32)

@@ -49,6 +49,14 @@ def test_opcheck(impl, extras):
     torch.library.opcheck(torch.ops.attnfx.attention.default, tuple(args))
 
 
+def test_opcheck_with_strided_inputs(impl):
+    """q, k, v as transposed views of [b, t, heads, d] (how HF models call attention)."""
+    args = _args(extras=False)
+    for i in (0, 1, 2):
+        args[i] = args[i].transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+    torch.library.opcheck(torch.ops.attnfx.attention.default, tuple(args))
+
+
 def test_outputs_and_gradients_match_the_reference(impl):
     args = _args()
     leaves = [args[i].clone().requires_grad_() for i in (0, 1, 2, 5)]

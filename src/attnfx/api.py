@@ -35,13 +35,16 @@ _TRACED: dict[tuple, types.FunctionType] = {}
 
 
 def instrument(model: nn.Module, *, backend: str | None = None, example_inputs=None,
-               fullgraph: bool = False) -> "InstrumentedModel":
+               fullgraph: bool = False, lower: bool = False) -> "InstrumentedModel":
     """Wrap `model` so its attention heads can be steered and recorded under torch.compile.
 
     backend: "inductor" (default on CUDA), "eager" (default on CPU: runs the rewritten graph
     directly) or "aot_eager". example_inputs (a tensor, tuple of args or dict of kwargs) finds the
     sites now; HF models get a 4-token input by default; otherwise sites are found on the first
-    call.
+    call. lower=True puts attnfx's fused attention op in place of SDPA calls without an explicit
+    mask: the Triton kernel on CUDA; on CPU the reference unless
+    `attnfx.ops.attention.set_attention_backend("triton")` (off by default until the kernel has
+    been verified on a GPU).
     """
     if isinstance(model, InstrumentedModel):
         raise AlreadyInstrumentedError("this is already an InstrumentedModel; instrument the original model once")
@@ -52,7 +55,7 @@ def instrument(model: nn.Module, *, backend: str | None = None, example_inputs=N
         raise AlreadyInstrumentedError(
             f"{type(model).__name__} is already instrumented; call .uninstrument() on the first wrapper")
     mode = _resolve_backend(backend, model)
-    im = InstrumentedModel(model, mode, fullgraph)
+    im = InstrumentedModel(model, mode, fullgraph, bool(lower))
     inputs = example_inputs if example_inputs is not None else _default_example_inputs(model)
     if inputs is not None:
         args, kwargs = _as_call(inputs)
@@ -134,13 +137,14 @@ class InstrumentedModel(nn.Module):
     """A model whose heads are explicit graph nodes. Call it like the model; steer it through
     `.steering`, record with `.record(...)`, generate with `.generate(...)`."""
 
-    def __init__(self, model: nn.Module, mode: str, fullgraph: bool):
+    def __init__(self, model: nn.Module, mode: str, fullgraph: bool, lower: bool = False):
         super().__init__()
         from .steering import Steering
 
         self.model = model
         self._mode = mode
         self._fullgraph = fullgraph
+        self._lower = lower
         self._model_forward = model.forward            # bound before anything could patch it
         self._fingerprint = _fingerprint(model)
         self._set_spec(PLAIN)
@@ -250,7 +254,7 @@ class InstrumentedModel(nn.Module):
         return fn
 
     def _traced_key(self, key: tuple) -> tuple:
-        return (self._fingerprint, self._mode, self._fullgraph) + key
+        return (self._fingerprint, self._mode, self._fullgraph, self._lower) + key
 
     def _forget(self, key: tuple) -> None:
         """Drop a traced frame dynamo ran plain: dynamo marks a frame that hit its recompile

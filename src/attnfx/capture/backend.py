@@ -5,6 +5,8 @@ it arrives as graph inputs (the marker), and the owner of a call is read from th
 context."""
 from __future__ import annotations
 
+import dataclasses
+
 from torch._dynamo.utils import counters
 from torch.fx import GraphModule
 
@@ -66,9 +68,13 @@ class Backend:
             gm.recompile()
             return Runner(gm.forward, info, num_outputs, [])
         layered = [(site_info.layer, site) for site_info, site in zip(info.sites, found)]
-        record_keys = passes.rewrite(gm, layered, spec, state, ctx.owner._final_norm_input(gm))
+        record_keys, lowered, lower_notes = passes.rewrite(
+            gm, layered, spec, state, ctx.owner._final_norm_input(gm), lower=ctx.owner._lower)
+        if lower_notes:
+            info = dataclasses.replace(info, notes=info.notes + tuple(lower_notes))
         counters["attnfx"]["graphs_compiled"] += 1
         counters["attnfx"]["sites_rewritten"] += len(found)
+        counters["attnfx"]["sites_lowered"] += len(lowered)
         return Runner(self._compile(gm, example_inputs), info, num_outputs, record_keys)
 
     def _compile(self, gm, example_inputs):

@@ -76,7 +76,7 @@ def _(q, k, v, key_mask, head_scale, directions, spans, causal, sm_scale, lrp):
     b, H, T, _ = q.shape
     K = 0 if directions is None else directions.shape[-1]
     n = 0 if spans is None else spans.shape[0]
-    return (torch.empty_like(q), q.new_empty(b, H, T, dtype=torch.float32),
+    return (q.new_empty(q.shape), q.new_empty(b, H, T, dtype=torch.float32),      # o is contiguous
             q.new_empty(b, T, H, K, dtype=torch.float32), q.new_empty(b, T, H, n, dtype=torch.float32))
 
 
@@ -117,7 +117,7 @@ def attention_backward(grad_z: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
 
 @attention_backward.register_fake
 def _(grad_z, q, k, v, o, lse, key_mask, delta, causal, sm_scale, lrp):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)      # contiguous, as computed
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)

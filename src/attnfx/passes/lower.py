@@ -1,0 +1,58 @@
+"""Lowering pass: put attnfx's fused attention op (`attnfx::attention`, the Triton kernel on CUDA)
+in place of each lowerable `F.scaled_dot_product_attention` call.
+
+Runs last, on the already steered and recorded graph: the SDPA node's operands are the steered
+q and v, and every user of its output (the z steering, the records) now reads the op's z. A
+site is lowerable when its masking is fully described by is_causal (no explicit attn_mask) and
+it has no dropout; GQA through enable_gqa maps onto the kernel's kv heads directly. Sites that
+are not lowered keep SDPA and are named in the returned notes — never silently.
+"""
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+from torch.fx import GraphModule
+
+from ..ops import attention as _registers_the_op  # noqa: F401  (defines torch.ops.attnfx.attention)
+from ..sites import AttentionSite, _arg, example_value
+from ._build import call
+
+
+def _why_not(site: AttentionSite) -> str | None:
+    if site.pattern != "sdpa_call":
+        return "hand-written softmax attention (only SDPA calls are lowered)"
+    node = site.attn
+    if _arg(node, 3, "attn_mask") is not None:
+        return "explicit attn_mask"
+    if _arg(node, 4, "dropout_p", 0.0) not in (0, 0.0):
+        return "dropout"
+    q, k = example_value(site.q), example_value(site.k)
+    if q is None or k is None or q.dim() != 4 or q.shape[1] % k.shape[1]:
+        return "q/k are not [b, heads, t, d] with heads a multiple of kv heads"
+    return None
+
+
+def apply(gm: GraphModule, sites: list[tuple[int, AttentionSite]]) -> tuple[list[int], list[str]]:
+    """Lower every lowerable site; returns (lowered layers, notes on the others)."""
+    g, lowered, notes = gm.graph, [], []
+    for layer, site in sites:
+        reason = _why_not(site)
+        if reason is not None:
+            notes.append(f"layer {layer}: kept SDPA ({reason})")
+            continue
+        node = site.attn
+        q, k, v = _arg(node, 0, "query"), _arg(node, 1, "key"), _arg(node, 2, "value")
+        scale = _arg(node, 6, "scale", None)
+        if scale is None:
+            scale = 1.0 / math.sqrt(example_value(site.q).shape[-1])
+        with g.inserting_before(node):
+            fused = call(g, torch.ops.attnfx.attention.default, q, k, v, None, None, None, None,
+                         bool(_arg(node, 5, "is_causal", False)), float(scale), False)
+            z = call(g, operator.getitem, fused, 0)
+        z.meta.update(node.meta)
+        node.replace_all_uses_with(z)
+        g.erase_node(node)
+        lowered.append(layer)
+    return lowered, notes
