@@ -1,7 +1,13 @@
 import os
 
-import pytest
 import torch
+
+# Triton reads TRITON_INTERPRET once, when it is first imported (Inductor imports it too), so
+# without CUDA the kernels' interpreter mode is switched on here, before any test imports it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings
 
 # Deterministic examples in CI; every example instruments (compiles) a fresh model, so keep few.

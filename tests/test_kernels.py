@@ -1,14 +1,8 @@
 """The Triton attention forward (kernels/attention.py) against the plain-torch reference
 (attnfx.ops.reference.attention): every output, over shapes, masks, GQA ratios, head dims and
 dtypes. Without CUDA the kernel runs in Triton's interpreter (fp32/fp16; short sequences)."""
-import os
-
-import torch
-
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"      # read when the kernel module is imported
-
 import pytest
+import torch
 from hypothesis import given, settings, strategies as st
 
 from _tol import TOL

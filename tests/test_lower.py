@@ -1,13 +1,7 @@
 """The lowering pass: SDPA sites replaced by attnfx::attention inside instrumented graphs, with
 steering and records kept, equal to the unlowered model; sites it cannot lower are named."""
-import os
-
-import torch
-
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-
 import pytest
+import torch
 from torch._dynamo.utils import counters
 
 import attnfx

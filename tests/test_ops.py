@@ -1,13 +1,7 @@
 """attnfx::attention as a torch.library op: opcheck (schema, fake, autograd registration, AOT
 dispatch) on both implementations, and outputs and gradients against the reference."""
-import os
-
-import torch
-
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-
 import pytest
+import torch
 
 from _tol import TOL
 from attnfx.errors import InvalidArgumentError
