@@ -30,6 +30,19 @@ _INTERPRET = __import__("os").environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
+def _visible(offs_m, offs_n, T, S, b, KEY_MASK, stride_mb, stride_ms, causal_offset,
+             CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr):
+    """[M, N] keys each query row may attend: in range, causal (bottom-right), not masked out."""
+    ok = (offs_m[:, None] < T) & (offs_n[None, :] < S)
+    if CAUSAL:
+        ok = ok & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
+    if HAS_KEY_MASK:
+        keep = tl.load(KEY_MASK + b * stride_mb + offs_n * stride_ms, mask=offs_n < S, other=0)
+        ok = ok & (keep[None, :] != 0)
+    return ok
+
+
+@triton.jit
 def _attention_fwd(
     Q, K, V, O, LSE, KEY_MASK, HEAD_SCALE, U, READOUT, SPANS, MASS,
     stride_qb, stride_qh, stride_qt, stride_qd,
@@ -79,12 +92,8 @@ def _attention_fwd(
         k = tl.load(k_base + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd,
                     mask=col_ok[None, :] & d_ok[:, None], other=0.0)
         s = tl.dot(q, k, input_precision=PRECISION) * qk_scale          # base-2 logits [M, N]
-        visible = col_ok[None, :] & row_ok[:, None]
-        if CAUSAL:
-            visible = visible & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
-        if HAS_KEY_MASK:
-            keep = tl.load(KEY_MASK + b * stride_mb + offs_n * stride_ms, mask=col_ok, other=0)
-            visible = visible & (keep[None, :] != 0)
+        visible = _visible(offs_m, offs_n, T, S, b, KEY_MASK, stride_mb, stride_ms, causal_offset,
+                           CAUSAL, HAS_KEY_MASK)
         s = tl.where(visible, s, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -182,18 +191,6 @@ def attention_fwd(q, k, v, *, causal: bool = False, key_mask=None, sm_scale: flo
 
 
 # ---- backward ------------------------------------------------------------------------------------
-@triton.jit
-def _visible(offs_m, offs_n, T, S, b, KEY_MASK, stride_mb, stride_ms, causal_offset,
-             CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr):
-    ok = (offs_m[:, None] < T) & (offs_n[None, :] < S)
-    if CAUSAL:
-        ok = ok & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
-    if HAS_KEY_MASK:
-        keep = tl.load(KEY_MASK + b * stride_mb + offs_n * stride_ms, mask=offs_n < S, other=0)
-        ok = ok & (keep[None, :] != 0)
-    return ok
-
-
 @triton.jit
 def _attention_bwd_dkdv(
     Q, K, V, DO, LSE, DELTA, DK, DV, KEY_MASK,
