@@ -43,6 +43,28 @@ def _visible(offs_m, offs_n, T, S, b, KEY_MASK, stride_mb, stride_ms, causal_off
 
 
 @triton.jit
+def _block(H, T, D, GROUP, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """What a program over (row block, batch·head) works on: b, h, its kv head, the block's row
+    and head-dim offsets and their in-range masks (rows: queries, or keys in the dK/dV pass)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    return pid_m, pid_bh, b, h, h // GROUP, offs_m, offs_d, offs_m < T, offs_d < D
+
+
+@triton.jit
+def _last_key(S, pid_m, causal_offset, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
+    """One past the last key a query block can see (causal blocks stop at their diagonal)."""
+    end = S
+    if CAUSAL:
+        end = tl.minimum(S, (pid_m + 1) * BLOCK_M + causal_offset)
+    return end
+
+
+@triton.jit
 def _attention_fwd(
     Q, K, V, O, LSE, KEY_MASK, HEAD_SCALE, U, READOUT, SPANS, MASS,
     stride_qb, stride_qh, stride_qt, stride_qd,
@@ -58,17 +80,7 @@ def _attention_fwd(
     HAS_READOUT: tl.constexpr, HAS_MASS: tl.constexpr, WRITE_O: tl.constexpr, WRITE_LSE: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    kv = h // GROUP
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < T
-    d_ok = offs_d < D
-
+    pid_m, pid_bh, b, h, kv, offs_m, offs_d, row_ok, d_ok = _block(H, T, D, GROUP, BLOCK_M, BLOCK_D)
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
 
@@ -83,9 +95,7 @@ def _attention_fwd(
 
     k_base = K + b * stride_kb + kv * stride_kh
     v_base = V + b * stride_vb + kv * stride_vh
-    end = S
-    if CAUSAL:
-        end = tl.minimum(S, (pid_m + 1) * BLOCK_M + causal_offset)
+    end = _last_key(S, pid_m, causal_offset, BLOCK_M, CAUSAL)
     for start in range(0, end, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         col_ok = offs_n < S
@@ -203,14 +213,7 @@ def _attention_bwd_dkdv(
 ):
     """dK, dV of one key block of one kv head: sums over the queries of every head in its group.
     q/do/dq share strides (contiguous [b, H, T, d]); k/v/dk/dv share theirs ([b, Hkv, S, d])."""
-    pid_n = tl.program_id(0)
-    pid_bkv = tl.program_id(1)
-    b = pid_bkv // HKV
-    kv = pid_bkv % HKV
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    col_ok = offs_n < S
-    d_ok = offs_d < D
+    pid_n, _, b, kv, _, offs_n, offs_d, col_ok, d_ok = _block(HKV, S, D, 1, BLOCK_N, BLOCK_D)
     kv_off = b * stride_kb + kv * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd
     k = tl.load(K + kv_off, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
     v = tl.load(V + kv_off, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
@@ -254,15 +257,7 @@ def _attention_bwd_dq(
     CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dQ of one query block of one head (a second pass: no atomics, deterministic)."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    kv = h // GROUP
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < T
-    d_ok = offs_d < D
+    pid_m, pid_bh, b, h, kv, offs_m, offs_d, row_ok, d_ok = _block(H, T, D, GROUP, BLOCK_M, BLOCK_D)
     q_off = b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd
     q = tl.load(Q + q_off, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     do = tl.load(DO + q_off, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
@@ -270,9 +265,7 @@ def _attention_bwd_dq(
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
     delta = tl.load(DELTA + pid_bh * T + offs_m, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    end = S
-    if CAUSAL:
-        end = tl.minimum(S, (pid_m + 1) * BLOCK_M + causal_offset)
+    end = _last_key(S, pid_m, causal_offset, BLOCK_M, CAUSAL)
     for start in range(0, end, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         col_ok = offs_n < S
