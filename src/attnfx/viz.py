@@ -47,7 +47,7 @@ def rate_curves(sweeps: dict[str, dict], path: str | Path, *, title: str, baseli
     """Answer rates against a steering factor, one colour per swept head: the in-context rate
     solid, the memorised rate dashed. `sweeps`: label → {"points": [{"factor", "in_context",
     "memorised"}, ...]}."""
-    fig = _figure(5.6, 3.8)
+    fig = _figure(7.6, 3.8)
     ax = fig.add_subplot()
     for (label, sweep), colour in zip(sweeps.items(), ("tab:blue", "tab:orange", "tab:green", "tab:red")):
         factors = [p["factor"] for p in sweep["points"]]
@@ -62,7 +62,7 @@ def rate_curves(sweeps: dict[str, dict], path: str | Path, *, title: str, baseli
     ax.set_xlabel("value scale α (bias-free values)")
     ax.set_ylabel("greedy answers (%)")
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))   # outside: the curves fill the axes
     ax.grid(alpha=0.3)
     return _save(fig, path)
 
