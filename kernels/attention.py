@@ -20,13 +20,16 @@ whatever the input dtype.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
 import triton.language as tl
 
+from attnfx.errors import ShapeMismatchError
+
 LOG2E = 1.4426950408889634
-_INTERPRET = __import__("os").environ.get("TRITON_INTERPRET") == "1"
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -158,7 +161,7 @@ def attention_fwd(q, k, v, *, causal: bool = False, key_mask=None, sm_scale: flo
     b, H, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     if H % Hkv:
-        raise ValueError(f"query heads ({H}) must be a multiple of kv heads ({Hkv})")
+        raise ShapeMismatchError(f"query heads ({H}) must be a multiple of kv heads ({Hkv})")
     sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
     dev, f32 = q.device, torch.float32
     out = {}

@@ -7,6 +7,7 @@ from hypothesis import given, settings, strategies as st
 
 from _tol import TOL
 from attnfx.kernels.attention import LRP_GRAD_SCALES, attention_bwd, attention_fwd
+from attnfx.errors import ShapeMismatchError
 from attnfx.ops import reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -94,7 +95,7 @@ def test_a_row_that_sees_no_key_is_zero():
 
 def test_gqa_ratio_must_divide():
     q, k = torch.randn(1, 3, 4, 16, device=DEVICE), torch.randn(1, 2, 4, 16, device=DEVICE)
-    with pytest.raises(ValueError, match="multiple of kv heads"):
+    with pytest.raises(ShapeMismatchError, match="multiple of kv heads"):
         attention_fwd(q, k, k)
 
 

@@ -6,6 +6,7 @@ from torch._dynamo.utils import counters
 
 import attnfx
 from _tol import TOL
+from attnfx.errors import LoweringWarning
 from attnfx.ops.attention import set_attention_backend
 from models import FAMILIES, build, output_tensor
 
@@ -72,9 +73,26 @@ def test_masked_sites_are_kept_and_named():
     mask = torch.ones(2, 9, dtype=torch.long)
     mask[0, :3] = 0
     before = counters["attnfx"]["sites_lowered"]
-    with torch.no_grad():
+    with torch.no_grad(), pytest.warns(LoweringWarning, match="layer 0: kept SDPA .explicit attn_mask.*layer 1"):
         im(input_ids=ids, attention_mask=mask)
     assert counters["attnfx"]["sites_lowered"] == before                 # a padding mask: SDPA kept
+    im.uninstrument()
+
+
+class CausalCrossLength(torch.nn.Module):
+    """SDPA with is_causal=True and more keys than queries: SDPA aligns the mask top-left, the
+    kernel bottom-right, so this site must not be lowered."""
+
+    def forward(self, q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def test_causal_sites_with_other_key_lengths_are_kept():
+    q, k = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 7, 8)
+    im = attnfx.instrument(CausalCrossLength(), lower=True, example_inputs=(q, k, k))
+    with pytest.warns(LoweringWarning, match="aligns top-left"):
+        out = im(q, k, k)
+    torch.testing.assert_close(out, CausalCrossLength()(q, k, k), rtol=0, atol=0)
     im.uninstrument()
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from _tol import TOL
-from attnfx.errors import InvalidArgumentError
+from attnfx.errors import InvalidArgumentError, ShapeMismatchError
 from attnfx.ops import reference
 from attnfx.ops.attention import fused_attention, set_attention_backend
 
@@ -96,3 +96,18 @@ def test_reference_backward_is_the_autograd_of_the_reference():
     got = reference.attention_backward(g, *leaves, causal=True, key_mask=key_mask, sm_scale=0.25)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("change, error, match", [
+    (lambda a: a.__setitem__(2, a[2][:, :, :5]), ShapeMismatchError, "one shape"),
+    (lambda a: a.__setitem__(0, a[0][:, :3]), ShapeMismatchError, "multiple"),
+    (lambda a: a.__setitem__(3, a[3][:, :5]), ShapeMismatchError, "key_mask"),
+    (lambda a: a.__setitem__(4, a[4][:2]), ShapeMismatchError, "head_scale"),
+    (lambda a: a.__setitem__(5, a[5][:, :8]), ShapeMismatchError, "directions"),
+    (lambda a: a.__setitem__(6, a[6][:, :1]), ShapeMismatchError, "spans"),
+])
+def test_bad_inputs_raise_typed_errors(change, error, match):
+    args = _args()
+    change(args)
+    with pytest.raises(error, match=match):
+        torch.ops.attnfx.attention(*args)

@@ -52,3 +52,7 @@ class DTypeMismatchError(AttnfxError, TypeError):
 
 class InvalidArgumentError(AttnfxError, ValueError):
     """An option outside its accepted values (backend name, record kind, steering target...)."""
+
+
+class LoweringWarning(UserWarning):
+    """instrument(lower=True) kept SDPA at some sites (named in the message)."""

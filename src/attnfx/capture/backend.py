@@ -5,13 +5,13 @@ it arrives as graph inputs (the marker), and the owner of a call is read from th
 context."""
 from __future__ import annotations
 
-import dataclasses
+import warnings
 
 from torch._dynamo.utils import counters
 from torch.fx import GraphModule
 
 from .. import passes
-from ..errors import UninstrumentedExecutionError
+from ..errors import LoweringWarning, UninstrumentedExecutionError
 from ..sites import find_sites
 from ..spec import Spec
 from .context import current
@@ -71,7 +71,7 @@ class Backend:
         record_keys, lowered, lower_notes = passes.rewrite(
             gm, layered, spec, state, ctx.owner._final_norm_input(gm), lower=ctx.owner._lower)
         if lower_notes:
-            info = dataclasses.replace(info, notes=info.notes + tuple(lower_notes))
+            warnings.warn("attnfx lower=True: " + "; ".join(lower_notes), LoweringWarning, stacklevel=2)
         counters["attnfx"]["graphs_compiled"] += 1
         counters["attnfx"]["sites_rewritten"] += len(found)
         counters["attnfx"]["sites_lowered"] += len(lowered)

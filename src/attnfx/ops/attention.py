@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from ..errors import InvalidArgumentError
+from ..errors import DeviceMismatchError, InvalidArgumentError, ShapeMismatchError
 from . import reference
 
 ATTENTION_BACKENDS = ("triton", "reference")
@@ -51,6 +51,30 @@ def _kernels(device: torch.device):
     return kernels
 
 
+def check_inputs(q, k, v, key_mask=None, head_scale=None, directions=None, spans=None) -> None:
+    """Shapes and devices as documented above, or a typed error naming what was expected."""
+    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
+        raise ShapeMismatchError(f"expected q [b, H, T, d] and k, v [b, Hkv, S, d] of one shape; got q "
+                                 f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    b, H, _, d = q.shape
+    if k.shape[0] != b or k.shape[3] != d or H % k.shape[1]:
+        raise ShapeMismatchError(f"k/v {tuple(k.shape)} must share q's batch {b} and head dim {d}, with "
+                                 f"q's {H} heads a multiple of their kv heads")
+    S = k.shape[2]
+    expected = {"key_mask": (key_mask, (b, S)), "head_scale": (head_scale, (H,))}
+    if directions is not None:
+        expected["directions"] = (directions, (H, d, directions.shape[-1]))
+    if spans is not None:
+        expected["spans"] = (spans, (spans.shape[0], 2))
+    for name, (tensor, shape) in expected.items():
+        if tensor is not None and tuple(tensor.shape) != shape:
+            raise ShapeMismatchError(f"{name} must have shape {list(shape)}, got {list(tensor.shape)}")
+    for name, tensor in (("k", k), ("v", v), ("key_mask", key_mask), ("head_scale", head_scale),
+                         ("directions", directions)):
+        if tensor is not None and tensor.device != q.device:
+            raise DeviceMismatchError(f"{name} is on {tensor.device}, q on {q.device}")
+
+
 def _empty_extras(q, directions, spans):
     b, H, T, _ = q.shape
     readout = q.new_empty(b, T, H, 0, dtype=torch.float32) if directions is None else None
@@ -63,6 +87,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: Optio
               head_scale: Optional[torch.Tensor], directions: Optional[torch.Tensor],
               spans: Optional[torch.Tensor], causal: bool, sm_scale: float, lrp: bool
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    check_inputs(q, k, v, key_mask, head_scale, directions, spans)
     impl = _kernels(q.device).attention_fwd if attention_backend(q.device) == "triton" else reference.attention
     out = impl(q, k, v, causal=causal, key_mask=key_mask, sm_scale=sm_scale, head_scale=head_scale,
                directions=directions, spans=spans)
@@ -73,6 +98,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: Optio
 
 @attention.register_fake
 def _(q, k, v, key_mask, head_scale, directions, spans, causal, sm_scale, lrp):
+    check_inputs(q, k, v, key_mask, head_scale, directions, spans)
     b, H, T, _ = q.shape
     K = 0 if directions is None else directions.shape[-1]
     n = 0 if spans is None else spans.shape[0]

@@ -4,8 +4,11 @@ in place of each lowerable `F.scaled_dot_product_attention` call.
 Runs last, on the already steered and recorded graph: the SDPA node's operands are the steered
 q and v, and every user of its output (the z steering, the records) now reads the op's z. A
 site is lowerable when its masking is fully described by is_causal (no explicit attn_mask) and
-it has no dropout; GQA through enable_gqa maps onto the kernel's kv heads directly. Sites that
-are not lowered keep SDPA and are named in the returned notes — never silently.
+it has no dropout and a constant scale, and — when causal — its query and key lengths are the
+same symbol: SDPA aligns is_causal top-left and the kernel bottom-right (the KV-cache
+convention), which agree only for T == S. GQA through enable_gqa maps onto the kernel's kv
+heads directly. Sites that are not lowered keep SDPA and are named in the returned notes, which
+the backend raises as a warning — never silently.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import operator
 
 import torch
 from torch.fx import GraphModule
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..ops import attention as _registers_the_op  # noqa: F401  (defines torch.ops.attnfx.attention)
 from ..sites import AttentionSite, _arg, example_value
@@ -28,9 +32,14 @@ def _why_not(site: AttentionSite) -> str | None:
         return "explicit attn_mask"
     if _arg(node, 4, "dropout_p", 0.0) not in (0, 0.0):
         return "dropout"
+    scale = _arg(node, 6, "scale", None)
+    if scale is not None and not isinstance(scale, (int, float)):
+        return "scale is not a constant"
     q, k = example_value(site.q), example_value(site.k)
     if q is None or k is None or q.dim() != 4 or q.shape[1] % k.shape[1]:
         return "q/k are not [b, heads, t, d] with heads a multiple of kv heads"
+    if _arg(node, 5, "is_causal", False) and not statically_known_true(q.shape[2] == k.shape[2]):
+        return "is_causal with query and key lengths that may differ (SDPA aligns top-left)"
     return None
 
 
