@@ -25,6 +25,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from attnfx.errors import ShapeMismatchError
 
@@ -152,12 +153,20 @@ def _pow2(n: int, floor: int = 16) -> int:
     return max(floor, triton.next_power_of_2(n))
 
 
+def _launcher(kernel, traceable: bool):
+    """The kernel itself, or wrapped so that make_fx / AOT autograd trace it as a node Inductor
+    compiles (torch.library.triton_op); wrapping costs ~1 ms per eager call, so only on request."""
+    return wrap_triton(kernel) if traceable else kernel
+
+
 def attention_fwd(q, k, v, *, causal: bool = False, key_mask=None, sm_scale: float | None = None,
-                  head_scale=None, directions=None, spans=None, write_o: bool = True, write_lse: bool = True):
+                  head_scale=None, directions=None, spans=None, write_o: bool = True, write_lse: bool = True,
+                  traceable: bool = False):
     """q [b, H, T, d], k/v [b, Hkv, S, d] (H a multiple of Hkv). Returns a dict with "o"
     [b, H, T, d] (input dtype), "lse" [b, H, T], "readout" [b, T, H, K], "mass" [b, T, H, n]
     (fp32), each present only when asked for. `directions` [H, d, K]; `spans` [n, 2] int
-    (start, end) key ranges; `key_mask` [b, S] bool; `head_scale` [H]."""
+    (start, end) key ranges; `key_mask` [b, S] bool; `head_scale` [H]. traceable=True launches
+    through torch.library.wrap_triton (inside a triton_op)."""
     b, H, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     if H % Hkv:
@@ -180,7 +189,7 @@ def attention_fwd(q, k, v, *, causal: bool = False, key_mask=None, sm_scale: flo
     if not _INTERPRET and block_d > 128:
         block_m, block_n = 64, 32
     grid = (triton.cdiv(T, block_m), b * H)
-    _attention_fwd[grid](
+    _launcher(_attention_fwd, traceable)[grid](
         q, k, v, o, lse, mask_i, scale, u, readout, spans_i, mass,
         *q.stride(), *k.stride(), *v.stride(), *(o.stride() if write_o else (0, 0, 0, 0)),
         *(mask_i.stride() if key_mask is not None else (0, 0)),
@@ -291,7 +300,7 @@ LRP_GRAD_SCALES = {"q": 0.25, "k": 0.25, "v": 0.5}
 
 
 def attention_bwd(do, q, k, v, o, lse, *, causal: bool = False, key_mask=None, sm_scale: float | None = None,
-                  lrp: bool = False, delta=None):
+                  lrp: bool = False, delta=None, traceable: bool = False):
     """Gradients of o = softmax(q kᵀ · scale) v (o unscaled by any head scale; `do` the gradient
     at that o) → (dq, dk, dv, relevance), relevance [b, H, T] = Σ_d do ⊙ o per row (the rowsum
     the flash backward needs anyway; with lrp=True it is each head's AttnLRP relevance). lrp=True
@@ -312,10 +321,10 @@ def attention_bwd(do, q, k, v, o, lse, *, causal: bool = False, key_mask=None, s
                   PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                   num_warps=4 if block_d <= 64 else 8, num_stages=1 if _INTERPRET else 2)
     lse = lse.contiguous()
-    _attention_bwd_dkdv[(triton.cdiv(S, block), b * Hkv)](
+    _launcher(_attention_bwd_dkdv, traceable)[(triton.cdiv(S, block), b * Hkv)](
         q, k, v, do, lse, relevance, dk, dv, mask_i, *q.stride(), *k.stride(), *mask_strides,
         H, Hkv, T, S, D, H // Hkv, S - T, sm_scale, scales["k"], scales["v"], **common)
-    _attention_bwd_dq[(triton.cdiv(T, block), b * H)](
+    _launcher(_attention_bwd_dq, traceable)[(triton.cdiv(T, block), b * H)](
         q, k, v, do, lse, relevance, dq, mask_i, *q.stride(), *k.stride(), *mask_strides,
         H, T, S, D, H // Hkv, S - T, sm_scale, scales["q"], **common)
     return dq, dk, dv, relevance

@@ -111,3 +111,42 @@ def test_bad_inputs_raise_typed_errors(change, error, match):
     change(args)
     with pytest.raises(error, match=match):
         torch.ops.attnfx.attention(*args)
+
+
+_TRACE_UNDER_AOT = """
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._functorch.aot_autograd import aot_function
+import attnfx.ops.attention
+
+def f(q, k, v, g, lse):
+    o = torch.ops.attnfx.attention(q, k, v, None, None, None, None, True, 0.25, False)[0]
+    return o, torch.ops.attnfx.attention_backward(g, q, k, v, o, lse, None, lse, True, 0.25, True)
+
+def show(gm, _):
+    print("GRAPH", gm.code, flush=True)
+    raise SystemExit(0)                  # traced: nothing to run (no GPU here)
+
+with FakeTensorMode():
+    q, k, v, g = (torch.empty(1, 2, 64, 16, device="{device}", dtype=torch.float16) for _ in range(4))
+    aot_function(f, fw_compiler=show)(q, k, v, g, torch.empty(1, 2, 64, device="{device}"))
+"""
+
+
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_aot_autograd_sees_the_triton_kernels_on_cuda_only(device):
+    """On CUDA the triton_ops decompose into wrap_triton kernel nodes (Inductor compiles them);
+    on CPU they stay one opaque node each. Traced with fake CUDA tensors, so no GPU is needed;
+    in a subprocess, because this process runs Triton's interpreter."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _TRACE_UNDER_AOT.replace("{device}", device)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    graph = done.stdout.partition("GRAPH")[2]
+    assert done.returncode == 0 and graph, done.stderr[-2000:]
+    kernels = graph.count("triton_kernel_wrapper_functional(")
+    opaque = graph.count("torch.ops.attnfx.attention")
+    assert (kernels, opaque) == ((3, 0) if device == "cuda" else (0, 2))

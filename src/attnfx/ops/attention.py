@@ -12,6 +12,12 @@ lse and mass are statistics without a gradient, head_scale is a steering factor 
 Which implementation runs: `set_attention_backend("triton" | "reference" | None)`; None (the
 default) is Triton on CUDA and the reference elsewhere. On CPU, "triton" needs
 TRITON_INTERPRET=1 set before the kernel module is first imported.
+
+Both ops are `torch.library.triton_op`s. On CUDA, AOT autograd decomposes them into the
+`wrap_triton` kernel calls, so Inductor sees and schedules the kernels (and the reference's torch
+ops, when that backend is chosen) instead of an opaque call. Elsewhere they stay opaque nodes that
+run the CPU kernel registered below — the reference, or Triton's interpreter when forced, which
+cannot run on the fake tensors a decomposition would trace.
 """
 from __future__ import annotations
 
@@ -19,6 +25,8 @@ import math
 from typing import Optional
 
 import torch
+
+from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
 
 from ..errors import DeviceMismatchError, InvalidArgumentError, ShapeMismatchError
 from . import reference
@@ -82,28 +90,37 @@ def _empty_extras(q, directions, spans):
     return readout, mass
 
 
-@torch.library.custom_op("attnfx::attention", mutates_args=())
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: Optional[torch.Tensor],
-              head_scale: Optional[torch.Tensor], directions: Optional[torch.Tensor],
-              spans: Optional[torch.Tensor], causal: bool, sm_scale: float, lrp: bool
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _forward(q, k, v, key_mask, head_scale, directions, spans, causal, sm_scale, *, backend, traceable):
     check_inputs(q, k, v, key_mask, head_scale, directions, spans)
-    impl = _kernels(q.device).attention_fwd if attention_backend(q.device) == "triton" else reference.attention
-    out = impl(q, k, v, causal=causal, key_mask=key_mask, sm_scale=sm_scale, head_scale=head_scale,
-               directions=directions, spans=spans)
+    kw = dict(causal=causal, key_mask=key_mask, sm_scale=sm_scale, head_scale=head_scale,
+              directions=directions, spans=spans)
+    if backend == "triton":
+        out = _kernels(q.device).attention_fwd(q, k, v, traceable=traceable, **kw)
+    else:
+        out = reference.attention(q, k, v, **kw)
     readout, mass = _empty_extras(q, directions, spans)
     return (out["o"], out["lse"], out["readout"] if readout is None else readout,
             out["mass"] if mass is None else mass)
 
 
-@attention.register_fake
+def _attention_traceable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: Optional[torch.Tensor],
+              head_scale: Optional[torch.Tensor], directions: Optional[torch.Tensor],
+              spans: Optional[torch.Tensor], causal: bool, sm_scale: float, lrp: bool
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Traceable body: runs on CUDA, and is the fake everywhere (on CPU, only ever on fake tensors:
+    the reference gives the shapes, whichever backend the CPU kernel below will run)."""
+    backend = attention_backend(q.device) if q.device.type == "cuda" else "reference"
+    return _forward(q, k, v, key_mask, head_scale, directions, spans, causal, sm_scale,
+                    backend=backend, traceable=True)
+
+
+attention = torch.library.triton_op("attnfx::attention", _attention_traceable, mutates_args=())
+
+
+@attention.register_kernel("cpu")
 def _(q, k, v, key_mask, head_scale, directions, spans, causal, sm_scale, lrp):
-    check_inputs(q, k, v, key_mask, head_scale, directions, spans)
-    b, H, T, _ = q.shape
-    K = 0 if directions is None else directions.shape[-1]
-    n = 0 if spans is None else spans.shape[0]
-    return (q.new_empty(q.shape), q.new_empty(b, H, T, dtype=torch.float32),      # o is contiguous
-            q.new_empty(b, T, H, K, dtype=torch.float32), q.new_empty(b, T, H, n, dtype=torch.float32))
+    return _forward(q, k, v, key_mask, head_scale, directions, spans, causal, sm_scale,
+                    backend=attention_backend(q.device), traceable=False)
 
 
 def _setup_context(ctx, inputs, output):
@@ -128,25 +145,52 @@ def _backward(ctx, grad_o, grad_lse, grad_readout, grad_mass):
     return dq, dk, dv, None, None, grad_directions, None, None, None, None
 
 
-@torch.library.custom_op("attnfx::attention_backward", mutates_args=())
-def attention_backward(grad_z: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                       lse: torch.Tensor, key_mask: Optional[torch.Tensor], delta: torch.Tensor, causal: bool,
-                       sm_scale: float, lrp: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dq, dk, dv given the gradient at the unscaled z (an op of its own, so that AOT autograd
-    traces the backward as one node instead of looking inside the kernel)."""
+def _backward_impl(grad_z, q, k, v, o, lse, key_mask, delta, causal, sm_scale, lrp, *, traceable):
     if attention_backend(q.device) == "triton":
         dq, dk, dv, _ = _kernels(q.device).attention_bwd(grad_z, q, k, v, o, lse, causal=causal, key_mask=key_mask,
-                                                         sm_scale=sm_scale, lrp=lrp, delta=delta)
+                                                         sm_scale=sm_scale, lrp=lrp, delta=delta, traceable=traceable)
         return dq, dk, dv
     return reference.attention_backward(grad_z, q, k, v, causal=causal, key_mask=key_mask, sm_scale=sm_scale, lrp=lrp)
 
 
-@attention_backward.register_fake
+def _attention_backward_traceable(grad_z: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                       lse: torch.Tensor, key_mask: Optional[torch.Tensor], delta: torch.Tensor, causal: bool,
+                       sm_scale: float, lrp: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv given the gradient at the unscaled z (an op of its own, so that AOT autograd
+    traces the backward as one node, or on CUDA as the kernels, instead of the reference's ops)."""
+    if q.device.type != "cuda":
+        return tuple(t.new_empty(t.shape) for t in (q, k, v))       # fake on CPU: contiguous, as computed
+    return _backward_impl(grad_z, q, k, v, o, lse, key_mask, delta, causal, sm_scale, lrp, traceable=True)
+
+
+attention_backward = torch.library.triton_op("attnfx::attention_backward", _attention_backward_traceable,
+                                             mutates_args=())
+
+
+@attention_backward.register_kernel("cpu")
 def _(grad_z, q, k, v, o, lse, key_mask, delta, causal, sm_scale, lrp):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)      # contiguous, as computed
+    return _backward_impl(grad_z, q, k, v, o, lse, key_mask, delta, causal, sm_scale, lrp, traceable=False)
+
+
+def _decompose_on_cuda(op, traceable):
+    """AOT autograd traces ops under FunctionalTensorMode; triton_op then inlines the body. On CPU
+    the body would have to run Triton's interpreter (or the reference) on fake tensors, so there
+    the op stays one opaque node that runs the CPU kernel above."""
+    def handler(mode, func, types, args, kwargs):
+        if any(t not in (torch.Tensor, FunctionalTensor) and not issubclass(t, torch._subclasses.FakeTensor)
+               for t in types):
+            return NotImplemented
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        if tensors and tensors[0].device.type == "cuda":
+            with mode:
+                return traceable(*args, **kwargs)
+        return mode.__torch_dispatch__(func, types, args, kwargs)
+    op.register_torch_dispatch(FunctionalTensorMode, handler)
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)
+_decompose_on_cuda(attention, _attention_traceable)
+_decompose_on_cuda(attention_backward, _attention_backward_traceable)
 
 
 def fused_attention(q, k, v, *, causal=False, key_mask=None, sm_scale=None, head_scale=None, directions=None,

@@ -52,8 +52,9 @@ def attention(q, k, v, *, causal: bool = False, key_mask=None, sm_scale: float |
     if directions is not None:
         out["readout"] = torch.einsum("bhtd,hdk->bthk", z, directions.to(acc)).contiguous()
     if spans is not None and len(spans):
-        j = torch.arange(S, device=q.device)
-        inside = torch.stack([(j >= lo) & (j < hi) for lo, hi in spans.tolist()], dim=-1).to(acc)  # [S, n]
+        j = torch.arange(S, device=q.device)[:, None]
+        spans = spans.to(q.device)
+        inside = ((j >= spans[:, 0]) & (j < spans[:, 1])).to(acc)       # [S, n], no host sync (traceable)
         out["mass"] = (probs @ inside).transpose(1, 2).contiguous()    # [b, T, H, n]
     return out
 
