@@ -24,6 +24,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+test-gpu: $(STAMP)   # on a CUDA machine: the compiled-Triton, bf16 and CUDA-op tests alone
+	$(PY) -m pytest -q -m gpu tests
+
 bench: $(STAMP)
 	$(PY) bench/steering.py
 	$(PY) bench/kernels.py

@@ -1,12 +1,14 @@
-"""Attention forward TFLOP/s and peak memory: attnfx's Triton kernel (plain, + head scales,
-+ readouts, + attention mass) against SDPA's flash and cuDNN backends and FlexAttention.
+"""Attention TFLOP/s and peak memory, forward and backward: attnfx's Triton kernel (plain,
++ head scales, + readouts, + attention mass; backward plain and in AttnLRP mode) against SDPA's
+flash and cuDNN backends and FlexAttention.
 
     python bench/kernels.py            # CUDA: bf16, head_dim 64/128, T = 512 … 16k, causal and not
     python bench/kernels.py --quick    # a smoke run; on CPU it runs the kernel in Triton's interpreter
 
-FLOPs = 4·b·H·T²·d, halved when causal. The token count b·T is held at 16k and H·d at 2048, so
-every point does the same work per token. Results: bench/results/<device>/kernels.{json,png}.
-The backward columns come with the backward kernel.
+FLOPs = 4·b·H·T²·d forward, ×2.5 backward, halved when causal. The token count b·T is held at
+16k and H·d at 2048, so every point does the same work per token. A backward is timed alone:
+`autograd.grad` of a retained graph for the torch providers, the two kernels of
+`attention_bwd` for ours. Results: bench/results/<device>/kernels.{json,png}.
 """
 from __future__ import annotations
 
@@ -22,18 +24,37 @@ if not torch.cuda.is_available():
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as H                                     # noqa: E402
 
-from attnfx.kernels.attention import attention_fwd        # noqa: E402
+from attnfx.kernels.attention import attention_bwd, attention_fwd        # noqa: E402
 
 TOKENS, WIDTH = 16384, 2048
 DIRECTIONS, SPANS = 8, 4
 
 
-def _flops(b, h, t, d, causal) -> float:
-    return 4 * b * h * t * t * d / (2 if causal else 1)
+def _flops(b, h, t, d, causal, direction) -> float:
+    return 4 * b * h * t * t * d / (2 if causal else 1) * (2.5 if direction == "backward" else 1.0)
+
+
+def _torch_providers(q, k, v, causal: bool) -> dict:
+    """name → forward fn of the torch baselines (SDPA flash, cuDNN, FlexAttention) on CUDA."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    import torch.nn.functional as F
+
+    def sdpa(backend):
+        def run(q, k, v):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return run
+
+    flex = torch.compile(flex_attention)
+    T = q.shape[2]
+    mask = create_block_mask(lambda b, h, i, j: i >= j, None, None, T, T) if causal else None
+    return {"sdpa flash (FA2)": sdpa(SDPBackend.FLASH_ATTENTION), "sdpa cuDNN": sdpa(SDPBackend.CUDNN_ATTENTION),
+            "FlexAttention": lambda q, k, v: flex(q, k, v, block_mask=mask)}
 
 
 def _providers(q, k, v, causal: bool, cuda: bool) -> dict:
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    """name → forward fn."""
     import torch.nn.functional as F
 
     heads, d, T = q.shape[1], q.shape[-1], q.shape[2]
@@ -49,20 +70,25 @@ def _providers(q, k, v, causal: bool, cuda: bool) -> dict:
     if not cuda:
         fns["sdpa (math)"] = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         return fns
+    fns.update({name: (lambda fn=fn: fn(q, k, v)) for name, fn in _torch_providers(q, k, v, causal).items()})
+    return fns
 
-    def sdpa(backend):
-        def run():
-            with sdpa_kernel(backend):
-                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-        return run
 
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+def _backward_providers(q, k, v, causal: bool, cuda: bool) -> dict:
+    """name → backward-only fn: our two backward kernels (plain, AttnLRP), autograd.grad of a
+    retained forward graph for the torch providers."""
+    import torch.nn.functional as F
 
-    flex = torch.compile(flex_attention)
-    mask = create_block_mask(lambda b, h, i, j: i >= j, None, None, T, T) if causal else None
-    fns["sdpa flash (FA2)"] = sdpa(SDPBackend.FLASH_ATTENTION)
-    fns["sdpa cuDNN"] = sdpa(SDPBackend.CUDNN_ATTENTION)
-    fns["FlexAttention"] = lambda: flex(q, k, v, block_mask=mask)
+    saved = attention_fwd(q, k, v, causal=causal)
+    do = torch.randn_like(q)
+    fns = {"attnfx": lambda: attention_bwd(do, q, k, v, saved["o"], saved["lse"], causal=causal),
+           "attnfx lrp": lambda: attention_bwd(do, q, k, v, saved["o"], saved["lse"], causal=causal, lrp=True)}
+    torch_fns = (_torch_providers(q, k, v, causal) if cuda else
+                 {"sdpa (math)": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)})
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    for name, fn in torch_fns.items():
+        out = fn(*leaves)
+        fns[name] = lambda out=out: torch.autograd.grad(out, leaves, do, retain_graph=True)
     return fns
 
 
@@ -88,37 +114,44 @@ def main() -> None:
             for T in lengths:
                 b = max(1, tokens // T)
                 q, k, v = (torch.randn(b, heads, T, d, device=device, dtype=dtype) for _ in range(3))
-                fns = _providers(q, k, v, causal, cuda)
-                times = H.bench(fns, repeats=3 if not cuda else H.CPU_REPEATS)
-                for name, ms in times.items():
-                    rows.append({"provider": name, "head_dim": d, "causal": causal, "T": T, "batch": b,
-                                 "heads": heads, "dtype": str(dtype).removeprefix("torch."), "ms": ms,
-                                 "tflops": _flops(b, heads, T, d, causal) / ms / 1e9,
-                                 "peak_mb": _peak_mb(fns[name]) if cuda else None})
-                print(f"d={d} causal={causal} T={T}: " +
-                      ", ".join(f"{n} {r['tflops']:.3g}" for n, r in ((r["provider"], r) for r in rows[-len(times):])),
-                      flush=True)
+                for direction, make in (("forward", _providers), ("backward", _backward_providers)):
+                    fns = make(q, k, v, causal, cuda)
+                    times = H.bench(fns, repeats=3 if not cuda else H.CPU_REPEATS)
+                    point = dict(head_dim=d, causal=causal, T=T, batch=b, heads=heads, direction=direction,
+                                 dtype=str(dtype).removeprefix("torch."))
+                    rows += [{"provider": name, **point, "ms": ms,
+                              "tflops": _flops(b, heads, T, d, causal, direction) / ms / 1e9,
+                              "peak_mb": _peak_mb(fns[name]) if cuda else None} for name, ms in times.items()]
+                    print(f"{direction} d={d} causal={causal} T={T}: " +
+                          ", ".join(f"{r['provider']} {r['tflops']:.3g}" for r in rows[-len(times):]), flush=True)
+                    del fns
     ratios = _ratios(rows)
-    path = H.write_json("kernels", {"direction": "forward", "tokens": tokens, "width": WIDTH, "rows": rows,
+    path = H.write_json("kernels", {"tokens": tokens, "width": WIDTH, "rows": rows,
                                     "ratios": ratios, "interpreted": not cuda}, args.out)
     _plot(rows, path.with_suffix(".png"))
     print(f"ratios: {ratios}\nwrote {path}")
 
 
 def _ratios(rows) -> dict:
-    """The targets: readouts vs our plain kernel; our plain kernel vs SDPA flash at d 128, T ≥ 2k."""
+    """The targets: readouts vs our plain kernel (forward); our plain kernel vs SDPA flash (FA2),
+    forward and backward; our AttnLRP backward vs our plain backward."""
     def tf(provider, r):
-        return next((x["tflops"] for x in rows if x["provider"] == provider and x["head_dim"] == r["head_dim"]
-                     and x["causal"] == r["causal"] and x["T"] == r["T"]), None)
+        return next((x["tflops"] for x in rows if x["provider"] == provider and x["direction"] == r["direction"]
+                     and x["head_dim"] == r["head_dim"] and x["causal"] == r["causal"] and x["T"] == r["T"]), None)
+
+    def ratio(a, b):
+        return a / b if a and b else None
 
     out = {}
     for r in rows:
         if r["provider"] != "attnfx":
             continue
-        key = f"d{r['head_dim']}_{'causal' if r['causal'] else 'full'}_T{r['T']}"
-        readouts, flash = tf("attnfx+readouts", r), tf("sdpa flash (FA2)", r)
-        out[key] = {"readouts_over_plain": readouts / r["tflops"] if readouts else None,
-                    "plain_over_fa2": r["tflops"] / flash if flash else None}
+        key = f"{r['direction']}_d{r['head_dim']}_{'causal' if r['causal'] else 'full'}_T{r['T']}"
+        out[key] = {"plain_over_fa2": ratio(r["tflops"], tf("sdpa flash (FA2)", r))}
+        if r["direction"] == "forward":
+            out[key]["readouts_over_plain"] = ratio(tf("attnfx+readouts", r), r["tflops"])
+        else:
+            out[key]["lrp_over_plain"] = ratio(tf("attnfx lrp", r), r["tflops"])
     return out
 
 
@@ -127,20 +160,24 @@ def _plot(rows, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = sorted({(r["head_dim"], r["causal"]) for r in rows})
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4), squeeze=False)
-    for ax, (d, causal) in zip(axes[0], panels):
-        for i, name in enumerate(dict.fromkeys(r["provider"] for r in rows)):
+    panels = sorted({(r["direction"] == "backward", r["head_dim"], r["causal"]) for r in rows})
+    columns = len(panels) // 2
+    fig, axes = plt.subplots(2, columns, figsize=(4.6 * columns, 8), squeeze=False)
+    colours = {name: f"C{i}" for i, name in enumerate(dict.fromkeys(r["provider"] for r in rows))}
+    for ax, (backward, d, causal) in zip(axes.flat, panels):
+        direction = "backward" if backward else "forward"
+        for name, colour in colours.items():
             pts = [(r["T"], r["tflops"]) for r in rows if r["provider"] == name and r["head_dim"] == d
-                   and r["causal"] == causal]
-            ax.plot(*zip(*pts), marker="o", label=name, color=f"C{i}")
+                   and r["causal"] == causal and r["direction"] == direction]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=name, color=colour)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("sequence length T")
-        ax.set_ylabel("forward TFLOP/s")
-        ax.set_title(f"head_dim {d}, {'causal' if causal else 'bidirectional'}", fontsize=9)
+        ax.set_ylabel(f"{direction} TFLOP/s")
+        ax.set_title(f"{direction}, head_dim {d}, {'causal' if causal else 'bidirectional'}", fontsize=9)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"Attention forward, {H.device_name()}", fontsize=10)
+        ax.legend(fontsize=6)
+    fig.suptitle(f"Attention, {H.device_name()}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
