@@ -5,7 +5,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import attnfx
-from _tol import TOL
+from _tol import TOL, assert_close
 from attnfx.errors import LoweringWarning
 from attnfx.ops.attention import set_attention_backend
 from models import FAMILIES, build, output_tensor
@@ -110,5 +110,21 @@ def test_gradients_flow_through_the_lowered_op():
             im.uninstrument()
         for a, b in zip(*grads):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    finally:
+        set_attention_backend(None)
+
+
+@pytest.mark.inductor
+def test_lowered_model_compiles_with_inductor_and_fullgraph():
+    """Inductor with fullgraph=True over the lowered op (on CPU an opaque node running the
+    reference; on CUDA test_gpu covers the decomposed kernels)."""
+    set_attention_backend("reference")
+    try:
+        model = build(FAMILIES["llama"], layers=1, heads=4, kv_heads=2, head_dim=16, impl="sdpa")
+        im = attnfx.instrument(model, backend="inductor", lower=True, fullgraph=True)
+        ids = torch.randint(0, 64, (2, 9))
+        with torch.no_grad():
+            assert_close(output_tensor(im(input_ids=ids)), output_tensor(model(input_ids=ids)))
+        im.uninstrument()
     finally:
         set_attention_backend(None)
