@@ -57,6 +57,7 @@ class AttentionSite:
     o_weight: Node | None = None    # output projection weight (placeholder), if found
     o_layout: str | None = None     # "out_in" (F.linear) or "in_out" (addmm / matmul)
     o_bias: Node | None = None
+    o_node: Node | None = None      # the output projection node (linear / addmm / matmul)
     v_bias: Node | None = None      # bias of the projection that produces v, if any
     v_bias_chain: list[Node] = field(default_factory=list)  # producer output → pre-cache v
 
@@ -174,26 +175,26 @@ def _value_bias_chain(v: Node) -> tuple[Node | None, list[Node]]:
 
 
 def _output_projection(z: Node, num_heads: int, head_dim: int):
-    """Follow z → transpose(1, 2) → reshape [.., H*d] → projection; (weight, layout, bias)."""
-    node, seen_transpose = z, False
+    """Follow z → transpose(1, 2) → reshape [.., H*d] → projection; (node, weight, layout, bias)."""
+    node, seen_transpose, none = z, False, (None, None, None, None)
     for _ in range(16):
         users = [u for u in node.users]
         if len(users) != 1:
-            return None, None, None
+            return none
         node = users[0]
         if _is_call(node, (F.linear, torch._C._nn.linear)):
             ok = seen_transpose and _shape(node.args[0])[-1] == num_heads * head_dim
-            return (node.args[1], "out_in", _arg(node, 2, "bias")) if ok else (None, None, None)
+            return (node, node.args[1], "out_in", _arg(node, 2, "bias")) if ok else none
         if _is_call(node, (torch.addmm,)):
-            return (node.args[2], "in_out", node.args[0]) if seen_transpose else (None, None, None)
+            return (node, node.args[2], "in_out", node.args[0]) if seen_transpose else none
         if _is_call(node, _MATMULS, ("matmul",)) and node.args[0] is not z:
-            return (node.args[1], "in_out", None) if seen_transpose else (None, None, None)
+            return (node, node.args[1], "in_out", None) if seen_transpose else none
         if not _is_view_like(node):
-            return None, None, None
+            return none
         shape = _shape(node)
         if shape is not None and len(shape) == 4 and shape[2] == num_heads and shape[3] == head_dim:
             seen_transpose = True          # [b, t, H, d]: heads are now the slower index
-    return None, None, None
+    return none
 
 
 def _score_matmul(softmax_in: Node) -> Node | None:
@@ -296,7 +297,7 @@ def find_sites(graph: Graph) -> tuple[list[AttentionSite], list[str]]:
             num_heads=num_heads, num_kv_heads=_count_kv_heads(k, num_heads, head_dim),
             head_dim=head_dim, module_stack_path=path, occurrence=occurrence,
             causal=causal, masked=masked)
-        site.o_weight, site.o_layout, site.o_bias = _output_projection(attn, num_heads, head_dim)
+        site.o_node, site.o_weight, site.o_layout, site.o_bias = _output_projection(attn, num_heads, head_dim)
         site.v_bias, site.v_bias_chain = _value_bias_chain(v)
         sites.append(site)
     return sites, notes
