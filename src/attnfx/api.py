@@ -363,6 +363,11 @@ class InstrumentedModel(nn.Module):
         norm = find_final_norm(gm.graph)
         return None if norm is None else norm.input
 
+    def _user_inputs(self, gm, example_inputs, state_nodes: set) -> set:
+        """Placeholders that are call arguments: neither parameters, buffers nor attnfx state."""
+        names = self._placeholder_names(gm, example_inputs)
+        return {node for node, name in names.items() if name is None and node not in state_nodes}
+
     def _placeholder_names(self, gm, example_inputs) -> dict:
         by_id = {id(t): n for n, t in itertools.chain(
             self.model.named_parameters(remove_duplicate=False), self.model.named_buffers(remove_duplicate=False))}

@@ -7,9 +7,13 @@ import json
 from dataclasses import asdict, dataclass
 
 RECORD_KINDS = ("z", "readout", "contrib", "final_norm")
-# Order of the runtime state tensors handed to the graph (the readout directions come last,
-# only when "readout" is recorded).
+# Order of the runtime state tensors handed to the graph (the readout directions come next,
+# only when "readout" is recorded, then one gate per probed component kind).
 STEERING_STATE = ("q_scale", "v_scale", "v_scale_unbiased", "z_scale", "z_replace", "z_source")
+# Components a probe gate can sit on (x ← x · gate, gate = 1 requiring grad: ∂f/∂gate = Σ x ⊙ ∂f/∂x).
+PROBE_KINDS = ("tokens", "heads", "attn", "mlp", "resid")
+# Backward rules of the lrp pass: AttnLRP, CP-LRP (q, k detached), or the plain gradient.
+RULES = ("attnlrp", "cp-lrp", "gradient")
 
 
 @dataclass(frozen=True)
@@ -18,11 +22,18 @@ class Spec:
     records: tuple[str, ...] = ()
     contrib_heads: tuple[tuple[int, int], ...] = ()   # (layer, head) pairs
     contrib_positions: tuple[int, ...] | None = None  # None: every position
+    probes: tuple[str, ...] = ()                 # component kinds gated for attribution
+    rule: str = "gradient"                       # backward rules when probed (the lrp pass)
 
     def __post_init__(self):
         unknown = sorted(set(self.records) - set(RECORD_KINDS))
         if unknown:
             raise ValueError(f"unknown record kind(s) {unknown}; expected any of {RECORD_KINDS}")
+        unknown = sorted(set(self.probes) - set(PROBE_KINDS))
+        if unknown:
+            raise ValueError(f"unknown probe kind(s) {unknown}; expected any of {PROBE_KINDS}")
+        if self.rule not in RULES:
+            raise ValueError(f"unknown rule {self.rule!r}; expected one of {RULES}")
         if "contrib" in self.records and not self.contrib_heads:
             raise ValueError("recording 'contrib' needs contrib_heads=[(layer, head), ...]")
 
@@ -34,6 +45,7 @@ class Spec:
         raw = json.loads(key)
         raw["records"] = tuple(raw["records"])
         raw["contrib_heads"] = tuple(tuple(p) for p in raw["contrib_heads"])
+        raw["probes"] = tuple(raw["probes"])
         if raw["contrib_positions"] is not None:
             raw["contrib_positions"] = tuple(raw["contrib_positions"])
         return cls(**raw)
@@ -41,7 +53,12 @@ class Spec:
     def state_names(self) -> tuple[str, ...]:
         if self.discover:
             return ()
-        return STEERING_STATE + (("readout_directions",) if "readout" in self.records else ())
+        readout = ("readout_directions",) if "readout" in self.records else ()
+        return STEERING_STATE + readout + tuple(gate_name(kind) for kind in self.probes)
+
+
+def gate_name(kind: str) -> str:
+    return f"gate_{kind}"
 
 
 DISCOVER = Spec(discover=True)

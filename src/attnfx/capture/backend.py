@@ -24,8 +24,9 @@ class Runner:
     """Runs one compiled graph, peels the records off its outputs and reports them, with the
     sites it executed, to the current call context."""
 
-    def __init__(self, fn, info, num_outputs, record_keys):
+    def __init__(self, fn, info, num_outputs, record_keys, probed=None, leaks=()):
         self.fn, self.info, self.num_outputs, self.record_keys = fn, info, num_outputs, record_keys
+        self.probed, self.leaks = probed or {}, list(leaks)
 
     def __call__(self, *args):
         outs = self.fn(*args)
@@ -36,6 +37,9 @@ class Runner:
             ctx.notes.extend(self.info.notes)
             ctx.final_norm = ctx.final_norm or self.info.final_norm
             ctx.records.extend(zip(self.record_keys, outs[self.num_outputs:]))
+            for kind, layers in self.probed.items():
+                ctx.probed.setdefault(kind, []).extend(layers)
+            ctx.leaks.extend(self.leaks)
         return outs[: self.num_outputs] if self.record_keys else outs
 
 
@@ -68,14 +72,16 @@ class Backend:
             gm.recompile()
             return Runner(gm.forward, info, num_outputs, [])
         layered = [(site_info.layer, site) for site_info, site in zip(info.sites, found)]
-        record_keys, lowered, lower_notes = passes.rewrite(
-            gm, layered, spec, state, ctx.owner._final_norm_input(gm), lower=ctx.owner._lower)
-        if lower_notes:
-            warnings.warn("attnfx lower=True: " + "; ".join(lower_notes), LoweringWarning, stacklevel=2)
+        user_inputs = ctx.owner._user_inputs(gm, example_inputs, set(state.values()))
+        done = passes.rewrite(gm, layered, spec, state, ctx.owner._final_norm_input(gm), user_inputs,
+                              lower=ctx.owner._lower)
+        if done.notes:
+            warnings.warn("attnfx lower=True: " + "; ".join(done.notes), LoweringWarning, stacklevel=2)
         counters["attnfx"]["graphs_compiled"] += 1
         counters["attnfx"]["sites_rewritten"] += len(found)
-        counters["attnfx"]["sites_lowered"] += len(lowered)
-        return Runner(self._compile(gm, example_inputs), info, num_outputs, record_keys)
+        counters["attnfx"]["sites_lowered"] += len(done.lowered)
+        return Runner(self._compile(gm, example_inputs), info, num_outputs, done.record_keys, done.probed,
+                      done.leaks)
 
     def _compile(self, gm, example_inputs):
         if self.mode == "eager":

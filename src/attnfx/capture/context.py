@@ -21,6 +21,8 @@ class CallContext:
     notes: list = field(default_factory=list)         # near-misses of the site patterns
     final_norm: Any = None                            # FinalNormInfo of the graph that has it
     graphs_run: int = 0
+    probed: dict = field(default_factory=dict)        # probe kind → layers gated
+    leaks: list = field(default_factory=list)         # ops the lrp pass had no rule for
 
 
 def current() -> CallContext | None:

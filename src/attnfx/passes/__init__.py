@@ -1,20 +1,49 @@
 """Graph passes, one per file; `rewrite` orders them and lints/recompiles once."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
+import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
-from ..sites import AttentionSite
+from .. import lrp_plan
+from ..blocks import find_blocks
+from ..sites import AttentionSite, _is_call, example_value
 from ..spec import Spec
-from . import lower as lowering, record, steer
+from . import lower as lowering, lrp, probe, record, steer
 
 
-def rewrite(gm: GraphModule, sites: list[tuple[int, AttentionSite]], spec: Spec,
-            state: dict[str, Node], final_norm_input: Node | None, *, lower: bool = False
-            ) -> tuple[list[record.RecordKey], list[int], list[str]]:
-    """Returns the record keys, the layers lowered onto attnfx::attention and notes on the rest."""
+@dataclass
+class Rewritten:
+    record_keys: list = field(default_factory=list)
+    lowered: list = field(default_factory=list)        # layers lowered onto attnfx::attention
+    notes: list = field(default_factory=list)          # sites the lower pass kept, and why
+    probed: dict = field(default_factory=dict)         # probe kind → layers gated (-1: tokens)
+    leaks: list = field(default_factory=list)          # live ops the lrp pass has no rule for
+
+
+def rewrite(gm: GraphModule, sites: list[tuple[int, AttentionSite]], spec: Spec, state: dict[str, Node],
+            final_norm_input: Node | None, user_inputs: set[Node], *, lower: bool = False) -> Rewritten:
+    """steer → record → probe → lower → lrp, then one lint and recompile."""
+    found = [site for _, site in sites]
+    blocks = find_blocks(gm.graph, found, user_inputs) if spec.probes else None
     steered = steer.apply(gm, sites, state)
-    keys = record.apply(gm, sites, steered, spec, state, final_norm_input)
-    lowered, notes = lowering.apply(gm, sites) if lower else ([], [])
+    out = Rewritten(record.apply(gm, sites, steered, spec, state, final_norm_input))
+    if spec.probes:
+        out.probed = probe.apply(gm, [layer for layer, _ in sites], blocks, steered, spec, state)
+    if lower:
+        out.lowered, out.notes = lowering.apply(gm, sites)
+    if spec.probes and spec.rule != "gradient":
+        plan = lrp_plan.plan(gm.graph, _activation_sources(gm, user_inputs), found, spec.rule)
+        lrp.apply(gm, plan, spec.rule)
+        out.leaks = plan.leaks
     gm.graph.lint()
     gm.recompile()
-    return keys, lowered, notes
+    return out
+
+
+def _activation_sources(gm: GraphModule, user_inputs: set[Node]) -> set[Node]:
+    """Where relevance lives: embedding lookups and float user inputs (inputs_embeds)."""
+    lookups = {n for n in gm.graph.nodes if _is_call(n, (F.embedding,))}
+    floats = {n for n in user_inputs if (v := example_value(n)) is not None and v.is_floating_point()}
+    return lookups | floats

@@ -95,4 +95,6 @@ def _steer_z(gm, layer, site: AttentionSite, state) -> Node:
         new_z = call(g, operator.add, call(g, operator.mul, z, keep), mixed)
     for user in users:
         user.replace_input_with(z, new_z)
+    if example_value(z) is not None:
+        new_z.meta["example_value"] = example_value(z)      # same shape and dtype: later passes read it
     return new_z
