@@ -54,5 +54,13 @@ class InvalidArgumentError(AttnfxError, ValueError):
     """An option outside its accepted values (backend name, record kind, steering target...)."""
 
 
+class RelevanceLeakError(AttnfxError, RuntimeError):
+    """relevance(check=True) met ops in the graph that no LRP rule covers (named in the message)."""
+
+
+class RelevanceLeakWarning(UserWarning):
+    """relevance() used the plain gradient through ops that no LRP rule covers (named)."""
+
+
 class LoweringWarning(UserWarning):
     """instrument(lower=True) kept SDPA at some sites (named in the message)."""

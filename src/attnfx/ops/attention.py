@@ -132,14 +132,15 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_o, grad_lse, grad_readout, grad_mass):
     q, k, v, o, lse, key_mask, head_scale, directions = ctx.saved_tensors
-    g = grad_o.float()                                                 # gradient at the returned o
+    acc = torch.promote_types(q.dtype, torch.float32)                 # fp32, or fp64 for fp64 inputs
+    g = grad_o.to(acc)                                                 # gradient at the returned o
     grad_directions = None
     if directions is not None:
-        g = g + torch.einsum("bthk,hdk->bhtd", grad_readout.float(), directions.float())
-        grad_directions = torch.einsum("bhtd,bthk->hdk", o.float(), grad_readout.float()).to(directions.dtype)
-    delta = (g * o.float()).sum(-1)                                    # Σ grad ⊙ z, head scale included
+        g = g + torch.einsum("bthk,hdk->bhtd", grad_readout.to(acc), directions.to(acc))
+        grad_directions = torch.einsum("bhtd,bthk->hdk", o.to(acc), grad_readout.to(acc)).to(directions.dtype)
+    delta = (g * o.to(acc)).sum(-1)                                    # Σ grad ⊙ z, head scale included
     if head_scale is not None:
-        g = g * head_scale.float()[None, :, None, None]                # gradient at the unscaled z
+        g = g * head_scale.to(acc)[None, :, None, None]                # gradient at the unscaled z
     dq, dk, dv = torch.ops.attnfx.attention_backward(g.to(q.dtype), q, k, v, o, lse, key_mask, delta,
                                                      ctx.causal, ctx.sm_scale, ctx.lrp)
     return dq, dk, dv, None, None, grad_directions, None, None, None, None

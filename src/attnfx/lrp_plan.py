@@ -1,0 +1,228 @@
+"""Which AttnLRP rule applies where in a graph (DESIGN §3) — a pure analysis shared by the
+efficient rewrite (passes/lrp.py) and the explicit-rule reference (analysis/lrp_explicit.py).
+
+Relevance flows along *activations*: nodes computed from the token embeddings or a float user
+input. Parameters, buffers, runtime state, masks and positions are constants. Of the activation
+nodes on a path to an output (live), each is:
+
+* a norm (LayerNorm / RMSNorm)                  → σ held constant
+* an SDPA call                                  → q, k ¼ and v ½ of their gradient (CP-LRP: q, k
+                                                  detached); a hand-written attention needs no
+                                                  entry: its two matmuls are products
+* a product of two activations (mul, matmul...) → uniform rule: each operand ½ of its gradient
+* an elementwise nonlinearity of one activation → identity rule: Jacobian f(x)/x, for a named
+  (GELU, SiLU, tanh...) or a hand-written one      activation, or for a whole region of
+                                                  elementwise ops on one root (tanh-GELU)
+* linear in its activation inputs (linear, add, views, casts, mean, softmax...) → the plain
+  gradient (ε-rule; the DTD softmax rule falls out of the gradient)
+* anything else                                 → a leak: reported, not guessed
+"""
+from __future__ import annotations
+
+import operator
+import re
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch.fx import Graph, Node
+
+from .blocks import ACTIVATION_FNS, ACTIVATION_METHODS
+from .norms import Norm, find_norms
+from .ops import attention as _registers_the_op  # noqa: F401  (torch.ops.attnfx.attention)
+from .sites import AttentionSite, _is_call, _is_view_like
+
+_SDPA = (F.scaled_dot_product_attention,)
+_PRODUCTS_FN = {operator.mul, torch.mul, torch.matmul, operator.matmul, torch.bmm, torch.einsum, torch.baddbmm}
+_PRODUCTS_METHODS = {"mul", "matmul", "bmm", "__mul__", "__rmul__", "__matmul__"}
+_LINEAR_FN = {operator.add, operator.sub, operator.neg, operator.truediv, operator.getitem, torch.add, torch.sub,
+              torch.neg, torch.div, torch.cat, torch.concat, torch.stack, torch.reshape, torch.transpose,
+              torch.permute, torch.flatten, torch.unsqueeze, torch.squeeze, torch.chunk, torch.split, torch.mean,
+              torch.sum, torch.repeat_interleave, F.linear, torch._C._nn.linear, torch.addmm, F.dropout,
+              F.embedding, torch.where, torch.masked_fill, torch.softmax, F.softmax, F.pad, torch.clone,
+              torch.ops.attnfx.attention.default}
+_LINEAR_METHODS = {"add", "sub", "neg", "div", "view", "reshape", "transpose", "permute", "contiguous", "expand",
+                   "unsqueeze", "squeeze", "flatten", "chunk", "split", "clone", "repeat_interleave", "to",
+                   "float", "half", "bfloat16", "double", "type", "mean", "sum", "masked_fill", "softmax",
+                   "expand_as", "repeat", "__add__", "__radd__", "__sub__", "__rsub__", "__truediv__", "__neg__",
+                   "__getitem__", "type_as", "view_as", "reshape_as", "t", "narrow"}
+_NONLINEAR_FN = ACTIVATION_FNS | {torch.pow, torch.exp, torch.log, torch.sqrt, torch.rsqrt, torch.reciprocal}
+_NONLINEAR_METHODS = ACTIVATION_METHODS | {"pow", "exp", "log", "sqrt", "rsqrt", "reciprocal", "__pow__"}
+# Named activations with an lrp_act kernel: node → kind.
+_NAMED = {F.silu: "silu", F.relu: "relu", torch.relu: "relu", torch.tanh: "tanh", F.tanh: "tanh"}
+
+
+@dataclass
+class Plan:
+    norms: list[Norm] = field(default_factory=list)
+    sdpa: list[Node] = field(default_factory=list)              # SDPA / attnfx::attention nodes
+    cp_detach: list[tuple[Node, int]] = field(default_factory=list)   # (node, operand) detached (CP-LRP)
+    products: list[tuple[Node, tuple[int, ...]]] = field(default_factory=list)  # uniform rule operands
+    activations: list[tuple[Node, str]] = field(default_factory=list)  # single named activations
+    regions: list[tuple[Node, Node]] = field(default_factory=list)     # (root x, output y): identity rule
+    leaks: list[str] = field(default_factory=list)
+    live: set = field(default_factory=set)
+
+
+def _node_args(node: Node) -> list[tuple[int, Node]]:
+    """Positional node operands (flattening lists, e.g. torch.cat's) as (position, node)."""
+    out = []
+    for i, a in enumerate(node.args):
+        if isinstance(a, Node):
+            out.append((i, a))
+        elif isinstance(a, (list, tuple)):
+            out.extend((i, x) for x in a if isinstance(x, Node))
+    out.extend((-1, v) for v in node.kwargs.values() if isinstance(v, Node))
+    return out
+
+
+def _is_float(node: Node) -> bool:
+    val = node.meta.get("example_value", node.meta.get("val"))
+    return not isinstance(val, torch.Tensor) or val.is_floating_point()
+
+
+def _named_kind(node: Node) -> str | None:
+    if _is_call(node, (F.gelu,)):
+        approx = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
+        return "gelu_tanh" if approx == "tanh" else "gelu"
+    if node.op == "call_function" and node.target in _NAMED:
+        return _NAMED[node.target]
+    if node.op == "call_method" and node.target in ("tanh", "relu"):
+        return node.target
+    return None
+
+
+def _is_elementwise(node: Node) -> bool:
+    return (_is_call(node, _NONLINEAR_FN, _NONLINEAR_METHODS) or _named_kind(node) is not None
+            or _is_call(node, {operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, torch.add,
+                               torch.sub, torch.mul, torch.div, torch.neg, F.dropout},
+                        {"add", "sub", "mul", "div", "neg", "to", "float", "half", "bfloat16", "double", "type",
+                         "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__truediv__",
+                         "__neg__", "contiguous", "clone"}))
+
+
+def _is_nonlinear(node: Node, activation_operands: tuple[int, ...]) -> bool:
+    """Nonlinear in its activation operands (x / activation, x · x and the functions above)."""
+    if _is_call(node, _NONLINEAR_FN, _NONLINEAR_METHODS) or _named_kind(node) is not None:
+        return True
+    if _is_call(node, (operator.truediv, torch.div), ("div", "__truediv__")):
+        return 1 in activation_operands
+    return _is_call(node, (operator.mul, torch.mul), ("mul", "__mul__", "__rmul__")) and len(activation_operands) > 1
+
+
+def plan(graph: Graph, sources: set[Node], sites: list[AttentionSite], rule: str) -> Plan:
+    """The rules for `graph` under `rule` ("attnlrp" or "cp-lrp"); sources are the activation inputs."""
+    result = Plan()
+    norms = find_norms(graph)
+    stops = {n.scale for n in norms if n.scale is not None}          # hand-written 1/σ: detached
+    if rule == "cp-lrp":
+        for site in sites:
+            if site.pattern != "sdpa_call":
+                result.cp_detach += [(site.q_user, 0), (site.q_user, 1)]
+    detached = {(n, i) for n, i in result.cp_detach}
+    tainted = _taint(graph, sources, stops, detached, rule)
+    live = _liveness(graph, tainted, stops)
+    result.live = live
+    result.norms = [n for n in norms if n.output in live]
+    fused_norm_nodes = {n.output for n in result.norms if n.fused}
+    roots: dict[Node, frozenset] = {}
+    region_of: dict[frozenset, list[Node]] = {}
+    operand_index: dict[Node, tuple[int, ...]] = {}
+    for node in graph.nodes:
+        if node not in live or node.op != "call_function" and node.op != "call_method":
+            continue
+        operands = [(i, a) for i, a in _node_args(node) if a in tainted and (node, i) not in detached]
+        operand_index[node] = tuple(i for i, _ in operands)
+        if node in fused_norm_nodes:
+            continue
+        if _is_call(node, _SDPA) or node.target is torch.ops.attnfx.attention.default:
+            result.sdpa.append(node)
+            if rule == "cp-lrp":
+                result.cp_detach += [(node, 0), (node, 1)]
+            continue
+        if _is_elementwise(node):
+            _elementwise(node, operands, roots, region_of, result)
+            continue
+        if _is_call(node, _PRODUCTS_FN, _PRODUCTS_METHODS):
+            if len(operands) > 1:                       # else linear in its one activation operand
+                result.products.append((node, tuple(i for i, _ in operands)))
+        elif not (_is_call(node, _LINEAR_FN, _LINEAR_METHODS) or _is_view_like(node)):
+            result.leaks.append(f"{node.name} ({_describe(node)})")
+    _regions(result, region_of, operand_index)
+    return result
+
+
+def _elementwise(node: Node, operands, roots: dict, region_of: dict, result: Plan) -> None:
+    """Group elementwise nodes by the activation(s) they are computed from (their roots). A
+    product of activations with disjoint roots is a uniform-rule product; a mix of several roots
+    (a + b) starts a root of its own, as does a product."""
+    operand_roots = [roots.get(a, frozenset([a])) for _, a in operands]
+    union = frozenset().union(*operand_roots)
+    is_mul = _is_call(node, (operator.mul, torch.mul), ("mul", "__mul__", "__rmul__"))
+    if is_mul and len(operands) > 1 and all(r.isdisjoint(t) for k, r in enumerate(operand_roots)
+                                            for t in operand_roots[k + 1:]):
+        result.products.append((node, tuple(i for i, _ in operands)))
+        roots[node] = frozenset([node])
+    elif len(union) > 1:
+        roots[node] = frozenset([node])
+        if _is_nonlinear(node, tuple(i for i, _ in operands)):
+            result.leaks.append(f"{node.name} ({_describe(node)}: a nonlinearity of several activations)")
+    else:
+        roots[node] = union
+        region_of.setdefault(union, []).append(node)
+
+
+def _regions(result: Plan, region_of: dict, operand_index: dict) -> None:
+    """Single-root elementwise regions with a nonlinearity → identity rule on each region output."""
+    for root_set, nodes in region_of.items():
+        if len(root_set) != 1:
+            continue
+        members = set(nodes)
+        if not any(_is_nonlinear(n, operand_index[n]) for n in nodes):
+            continue
+        (root,) = root_set
+        outputs = [n for n in nodes if any(u not in members for u in n.users)]
+        if len(nodes) == 1 and _named_kind(nodes[0]) is not None and nodes[0].args[0] is root:
+            result.activations.append((nodes[0], _named_kind(nodes[0])))
+        else:
+            result.regions += [(root, out) for out in outputs]
+
+
+def _describe(node: Node) -> str:
+    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    stack = node.meta.get("nn_module_stack") or {}
+    where = list(stack.values())[-1][0] if stack else "top level"
+    where = re.sub(r"\[(\d+)\]", r".\1", where.split("__self__.")[-1].removeprefix("L['self']."))
+    return f"{target} in {where}"
+
+
+def _taint(graph: Graph, sources: set[Node], stops: set[Node], detached: set, rule: str) -> set[Node]:
+    tainted = set()
+    for node in graph.nodes:
+        if node in sources:
+            tainted.add(node)
+            continue
+        if node.op not in ("call_function", "call_method") or node in stops or not _is_float(node):
+            continue
+        if node.target in ("detach",) or node.target is torch.detach:
+            continue
+        operands = [(i, a) for i, a in _node_args(node) if a in tainted and (node, i) not in detached]
+        if rule == "cp-lrp" and (_is_call(node, _SDPA) or node.target is torch.ops.attnfx.attention.default):
+            operands = [(i, a) for i, a in operands if i not in (0, 1)]
+        if operands:
+            tainted.add(node)
+    return tainted
+
+
+def _liveness(graph: Graph, tainted: set[Node], stops: set[Node]) -> set[Node]:
+    """Activation nodes whose value reaches an output through activation nodes."""
+    live = set()
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    frontier = [a for _, a in _node_args(output) if a in tainted]
+    while frontier:
+        node = frontier.pop()
+        if node in live:
+            continue
+        live.add(node)
+        frontier.extend(a for _, a in _node_args(node) if a in tainted and a not in stops)
+    return live

@@ -1,0 +1,125 @@
+"""LRP pass: AttnLRP / CP-LRP as modified local Jacobians, so that relevance is gradient × input
+under the rewritten backward and every fused kernel is kept (DESIGN §3; the LXT "efficient"
+formulation, Achtibat et al. 2024). Applies a `lrp_plan.Plan`; the forward stays exact:
+
+* norm          → attnfx::lrp_layer_norm / lrp_rms_norm (σ constant in the backward), or the
+                  hand-written RMSNorm's 1/σ detached
+* SDPA          → q, k, v replaced by x.detach() + c·(x − x.detach()) with c = ¼, ¼, ½ (value
+                  x, gradient c·grad); attnfx::attention gets lrp=True (the kernel's LRP mode);
+                  CP-LRP: q and k detached
+* product a·b   → each activation operand's gradient halved the same way (uniform rule)
+* f(x)          → attnfx::lrp_act(x, kind, ε) for GELU/SiLU/tanh/ReLU; a hand-written region
+                  y = f(x) → y.detach() + (x·c − (x·c).detach()), c = (y / stab(x)).detach()
+                  (identity rule: ∂y/∂x := f(x)/x, sign-aware ε)
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch.fx import GraphModule, Node
+
+from ..lrp_plan import Plan
+from ..ops import lrp_rules as _registers_rule_ops  # noqa: F401
+from ..sites import example_value
+from ._build import call
+
+LRP_EPS = 1e-10          # sign-aware stabiliser of f(x)/x: relevance error ≈ ε·|grad|, negligible in fp32
+ATTENTION_GRAD = (0.25, 0.25, 0.5)      # q, k, v: uniform rule on QKᵀ (½) and on A·V (½)
+_QKV = ("query", "key", "value")
+
+
+def apply(gm: GraphModule, plan: Plan, rule: str) -> int:
+    """Rewrite the graph per the plan; returns the number of rewrites."""
+    g = gm.graph
+    for norm in plan.norms:
+        _norm(g, norm)
+    for node in plan.sdpa:
+        _attention(g, node, rule)
+    for node, index in plan.cp_detach:
+        if node not in plan.sdpa:
+            _replace_operand(g, node, index, lambda x: call(g, "detach", x))
+    for node, indices in plan.products:
+        for index in indices:
+            _replace_operand(g, node, index, lambda x: _scaled_grad(g, x, 0.5))
+    for node, kind in plan.activations:
+        with g.inserting_before(node):
+            new = call(g, torch.ops.attnfx.lrp_act.default, node.args[0], kind, LRP_EPS)
+        _swap(g, node, new)
+    for root, out in plan.regions:
+        _identity_region(g, root, out)
+    return len(plan.norms) + len(plan.sdpa) + len(plan.products) + len(plan.activations) + len(plan.regions)
+
+
+def _swap(g, old: Node, new: Node) -> None:
+    new.meta.update(old.meta)
+    old.replace_all_uses_with(new)
+    g.erase_node(old)
+
+
+def _scaled_grad(g, x: Node, factor: float) -> Node:
+    """x in the forward (x.detach() + 0 exactly), factor · grad in the backward."""
+    frozen = call(g, "detach", x)
+    return call(g, operator.add, frozen, call(g, operator.mul, call(g, operator.sub, x, frozen), factor))
+
+
+def _replace_operand(g, node: Node, index: int, make) -> None:
+    """Replace the activation operand at positional `index` (or its keyword) of node by make(x)."""
+    if index < len(node.args) and isinstance(node.args[index], Node):
+        with g.inserting_before(node):
+            node.update_arg(index, make(node.args[index]))
+        return
+    name = _QKV[index] if index < 3 else None
+    if name is not None and isinstance(node.kwargs.get(name), Node):
+        with g.inserting_before(node):
+            node.update_kwarg(name, make(node.kwargs[name]))
+
+
+def _norm(g, norm) -> None:
+    if not norm.fused:
+        scale = norm.scale
+        users = list(scale.users)
+        with g.inserting_before(scale.next):
+            frozen = call(g, "detach", scale)
+        for user in users:
+            user.replace_input_with(scale, frozen)
+        return
+    with g.inserting_before(norm.output):
+        if norm.kind == "layer_norm":
+            new = call(g, torch.ops.attnfx.lrp_layer_norm.default, norm.input, norm.weight, norm.bias, norm.eps)
+        else:
+            new = call(g, torch.ops.attnfx.lrp_rms_norm.default, norm.input, norm.weight, norm.eps)
+    _swap(g, norm.output, new)
+
+
+def _attention(g, node: Node, rule: str) -> None:
+    if node.target is torch.ops.attnfx.attention.default:
+        if rule == "attnlrp":
+            node.update_arg(9, True)                     # the kernel's LRP mode: grad q, k ¼, v ½
+        else:
+            for index in (0, 1):
+                _replace_operand(g, node, index, lambda x: call(g, "detach", x))
+        return
+    if rule == "cp-lrp":
+        for index in (0, 1):
+            _replace_operand(g, node, index, lambda x: call(g, "detach", x))
+        return
+    for index, factor in enumerate(ATTENTION_GRAD):
+        _replace_operand(g, node, index, lambda x, f=factor: _scaled_grad(g, x, f))
+
+
+def _identity_region(g, root: Node, out: Node) -> None:
+    """out = f(root) elementwise: keep its value, give it the gradient f(x)/stab(x) w.r.t. root."""
+    users = list(out.users)
+    dtype = example_value(out).dtype if example_value(out) is not None else None
+    with g.inserting_before(out.next):
+        x = call(g, "float", root)
+        sign = call(g, torch.where, call(g, operator.ge, x, 0), 1.0, -1.0)
+        stab = call(g, operator.add, x, call(g, operator.mul, sign, LRP_EPS))
+        ratio = call(g, "detach", call(g, operator.truediv, call(g, "float", out), stab))
+        through = call(g, operator.mul, x, ratio)
+        delta = call(g, operator.sub, through, call(g, "detach", through))
+        new = call(g, operator.add, call(g, "detach", out), call(g, "to", delta, dtype) if dtype else delta)
+    for user in users:
+        user.replace_input_with(out, new)
+    new.meta.update(out.meta)
