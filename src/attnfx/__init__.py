@@ -11,7 +11,7 @@ from .errors import *  # noqa: F401,F403  (typed errors are part of the public s
 from .sites import PATTERNS
 
 __all__ = ["instrument", "InstrumentedModel", "SiteInfo", "FinalNormInfo", "PATTERNS", "errors",
-           "head_attribution"]
+           "head_attribution", "relevance"]
 __version__ = "0.1.0"
 
 
@@ -19,4 +19,7 @@ def __getattr__(name):
     if name == "head_attribution":
         from .analysis.attribution import head_attribution
         return head_attribution
+    if name == "relevance":
+        from .analysis.relevance import relevance
+        return relevance
     raise AttributeError(name)

@@ -1,0 +1,196 @@
+"""`attnfx.relevance`: AttnLRP / CP-LRP relevance of tokens, heads, attention and MLP outputs and
+the residual stream, from one forward and one backward of the instrumented graph (DESIGN §3).
+
+The probe pass multiplies every component by a gate of ones; the lrp pass gives the graph the
+rules' local Jacobians; the gradient of the target at each gate is then Σ x ⊙ ∂f/∂x under those
+rules — the component's relevance — for every component at once, in fp32.
+
+    rel = attnfx.relevance(im, {"input_ids": ids}, target=42, foil=7)
+    rel.tokens               [b, t]        relevance of each input token (summed over d_model)
+    rel.heads                [b, L, H]     per head (summed over positions); heads_per_position [b, t, L, H]
+    rel.attn, rel.mlp        [b, t, L]     attention / MLP output of each layer
+    rel.residual             [b, t, L]     the residual stream entering each layer
+    rel.target               [b]           the target's value
+"""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import InvalidArgumentError, RelevanceLeakError, RelevanceLeakWarning, ShapeMismatchError
+from ..spec import PROBE_KINDS, RULES, Spec, gate_name
+
+
+@dataclass
+class Relevance:
+    tokens: torch.Tensor | None
+    heads_per_position: torch.Tensor | None
+    attn: torch.Tensor | None
+    mlp: torch.Tensor | None
+    residual: torch.Tensor | None
+    target: torch.Tensor
+    rule: str
+    leaks: list[str] = field(default_factory=list)
+
+    @property
+    def heads(self) -> torch.Tensor | None:
+        """[b, L, H]: each head's relevance summed over positions."""
+        return None if self.heads_per_position is None else self.heads_per_position.sum(1)
+
+    def conservation(self) -> dict[str, torch.Tensor]:
+        """Σ relevance of each component set per example ([b], or [b, L] per layer) beside the
+        target: equal for a bias-free model of linear, norm and uniform-rule ops; biases absorb
+        their share and the softmax rule is not conservative (DESIGN §3)."""
+        sums = {"target": self.target}
+        for name in ("tokens", "residual", "attn", "mlp"):
+            value = getattr(self, name)
+            if value is not None:
+                sums[name] = value.sum(1)
+        if self.heads_per_position is not None:
+            sums["heads"] = self.heads_per_position.sum((1, 3))
+        return sums
+
+
+class _Probing:
+    """The session that gates every component (the wrapper reads `.spec`, calls `._collect`)."""
+
+    def __init__(self, im, batch: int, seq: int, rule: str):
+        sites = im.sites
+        layers, heads, device = len(sites), sites[0].num_heads, im.z_scale.device
+        shapes = {"tokens": (batch, seq), "heads": (layers, batch, seq, heads)}
+        self.gates = {kind: torch.ones(shapes.get(kind, (layers, batch, seq)), device=device, dtype=_wide(im.model),
+                                       requires_grad=True) for kind in PROBE_KINDS}
+        self.spec = Spec(probes=PROBE_KINDS, rule=rule)
+        self._im, self.probed, self.leaks = im, {}, []
+
+    def __enter__(self):
+        im = self._im
+        if im._recording is not None:
+            raise InvalidArgumentError("relevance() cannot run inside an active im.record(...) block")
+        for kind, gate in self.gates.items():
+            im.register_buffer(gate_name(kind), gate, persistent=False)
+        im._recording = self
+        return self
+
+    def __exit__(self, *exc):
+        im = self._im
+        im._recording = None
+        for kind in self.gates:
+            delattr(im, gate_name(kind))
+        return False
+
+    def _collect(self, ctx) -> None:
+        self.probed = {kind: set(layers) for kind, layers in ctx.probed.items()}
+        self.leaks = list(dict.fromkeys(ctx.leaks))
+
+
+def relevance(im, inputs, target, *, rule: str = "attnlrp", foil=None, position=-1,
+              check: bool = False) -> Relevance:
+    """Relevance of every component for `target`: a token id (its logit at `position`, minus the
+    `foil`'s if given), a {token: weight} dict (a weighted set of logits at `position`), a list of
+    (position, token) or (position, token, weight) (several generated tokens at once), or a
+    callable outputs → [b] (any scalar function of the outputs per example). rule: "attnlrp",
+    "cp-lrp" or "gradient" (plain gradient × input). Ops without a rule are reported in
+    `.leaks` with a RelevanceLeakWarning; check=True raises RelevanceLeakError instead."""
+    from ..api import _as_call
+
+    if rule not in RULES:
+        raise InvalidArgumentError(f"rule must be one of {RULES}, got {rule!r}")
+    args, kwargs = _as_call(inputs)
+    if im._sites is None:
+        im._discover(args, kwargs)
+    batch, seq = _batch_and_length(args, kwargs)
+    target_fn = _target_function(target, foil, position, batch)
+    probing = _Probing(im, batch, seq, rule)
+    with torch.enable_grad(), probing:
+        outputs = im(*args, **kwargs)
+    value = target_fn(outputs)
+    if value.dim() != 1 or value.shape[0] != batch:
+        raise ShapeMismatchError(f"the target must be one scalar per example, shape [{batch}], got {list(value.shape)}")
+    gates = list(probing.gates.values())
+    grads = dict(zip(probing.gates, torch.autograd.grad(value.sum(), gates, allow_unused=True)))
+    if probing.leaks:
+        message = (f"relevance leaks through ops with no {rule} rule (plain gradient used): "
+                   + "; ".join(probing.leaks))
+        if check:
+            raise RelevanceLeakError(message)
+        warnings.warn(message, RelevanceLeakWarning, stacklevel=2)
+    return Relevance(tokens=_component(grads, probing, "tokens"),
+                     heads_per_position=_component(grads, probing, "heads"),
+                     attn=_component(grads, probing, "attn"), mlp=_component(grads, probing, "mlp"),
+                     residual=_component(grads, probing, "resid"), target=value.detach(), rule=rule,
+                     leaks=probing.leaks)
+
+
+def _component(grads, probing: _Probing, kind: str) -> torch.Tensor | None:
+    """The gate gradient laid out [b, t] / [b, t, L] / [b, t, L, H]; NaN for layers where the
+    component's pattern was not found; None when it was found nowhere."""
+    found = probing.probed.get(kind, set())
+    if not found:
+        return None
+    grad = grads[kind]
+    grad = torch.zeros_like(probing.gates[kind]) if grad is None else grad.detach().clone()
+    if kind == "tokens":
+        return grad
+    missing = [layer for layer in range(grad.shape[0]) if layer not in found]
+    grad[missing] = float("nan")
+    return grad.permute(1, 2, 0, 3) if kind == "heads" else grad.permute(1, 2, 0)
+
+
+def _wide(model) -> torch.dtype:
+    """Relevance dtype: fp32, or fp64 for an fp64 model."""
+    floats = [p.dtype for p in model.parameters() if p.is_floating_point()]
+    return torch.float64 if torch.float64 in floats else torch.float32
+
+
+def _batch_and_length(args, kwargs) -> tuple[int, int]:
+    for value in [kwargs.get("input_ids"), kwargs.get("inputs_embeds"), *args, *kwargs.values()]:
+        if isinstance(value, torch.Tensor) and value.dim() >= 2:
+            return int(value.shape[0]), int(value.shape[1])
+    raise InvalidArgumentError("could not find a [batch, seq, ...] tensor among the inputs")
+
+
+def _logits(outputs) -> torch.Tensor:
+    logits = outputs if isinstance(outputs, torch.Tensor) else getattr(outputs, "logits", None)
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
+        raise InvalidArgumentError("a token target needs [batch, seq, vocab] logits among the outputs; "
+                                   "pass a callable target(outputs) -> [batch] for other models")
+    return logits
+
+
+def _target_function(target, foil, position, batch: int) -> Callable:
+    if callable(target):
+        return lambda out: _as_batch(target(out), batch)
+    if isinstance(target, dict):
+        weights = {int(t): float(w) for t, w in target.items()}
+        return lambda out: sum(w * _logit_at(out, position, t) for t, w in weights.items())
+    if isinstance(target, Sequence) and not isinstance(target, str) and target and \
+            isinstance(target[0], Sequence):
+        terms = [(int(p), int(t), float(rest[0]) if rest else 1.0) for p, t, *rest in target]
+        return lambda out: sum(w * _logit_at(out, p, t) for p, t, w in terms)
+    if isinstance(target, bool) or not isinstance(target, int):
+        raise InvalidArgumentError(f"target must be a token id, a {{token: weight}} dict, a list of "
+                                   f"(position, token[, weight]) or a callable; got {type(target).__name__}")
+    if foil is None:
+        return lambda out: _logit_at(out, position, target)
+    return lambda out: _logit_at(out, position, target) - _logit_at(out, position, int(foil))
+
+
+def _logit_at(outputs, position, token: int) -> torch.Tensor:
+    logits = _logits(outputs)
+    b, t, vocab = logits.shape
+    if not 0 <= token < vocab:
+        raise InvalidArgumentError(f"token ids must be in [0, {vocab}), got {token}")
+    positions = torch.as_tensor(position, device=logits.device).reshape(-1).expand(b) % t
+    picked = logits[torch.arange(b, device=logits.device), positions, token]
+    return picked if picked.dtype == torch.float64 else picked.float()
+
+
+def _as_batch(value, batch: int) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise InvalidArgumentError(f"target(outputs) must return a tensor, got {type(value).__name__}")
+    value = value if value.dtype == torch.float64 else value.float()
+    return value.reshape(batch) if value.numel() == batch else value

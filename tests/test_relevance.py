@@ -1,0 +1,232 @@
+"""attnfx.relevance (DESIGN §3): the rules' identities, the efficient pass against the explicit
+rules on every family, conservation, head relevance, compiled == eager, leaks reported."""
+import operator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import attnfx
+from _tol import TOL
+from attnfx import lrp_plan
+from attnfx.analysis.lrp_explicit import explicit_relevance
+from attnfx.errors import InvalidArgumentError, RelevanceLeakError, RelevanceLeakWarning, ShapeMismatchError
+from attnfx.passes import lrp
+from models import FAMILIES, PlainTransformer, build, output_tensor
+
+RULES = ("attnlrp", "cp-lrp")
+
+
+def _close(actual, expected, rel=1e-6):
+    """|actual − expected| ≤ rel · max|expected| elementwise (relevance is a signed density)."""
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=0, atol=rel * scale + 1e-15)
+
+
+def _lrp_on(fn, *inputs, rule="attnlrp"):
+    """Compile fn with the lrp pass alone (its inputs are the activations); relevance x ⊙ grad."""
+    def backend(gm, example_inputs):
+        given = {id(x) for x in leaves}
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        sources = {n for n, x in zip(placeholders, example_inputs) if id(x) in given}
+        if rule != "gradient":
+            lrp.apply(gm, lrp_plan.plan(gm.graph, sources, [], rule), rule)
+        gm.recompile()
+        return gm.forward
+
+    leaves = [x.detach().clone().requires_grad_() for x in inputs]
+    out = torch.compile(fn, backend=backend, fullgraph=True)(*leaves)
+    grads = torch.autograd.grad(out.sum(), leaves)
+    return out, [x.detach() * g for x, g in zip(leaves, grads)]
+
+
+# ---- rule identities ------------------------------------------------------------------------
+def test_uniform_rule_halves_relevance_exactly():
+    a, b = torch.randn(3, 5, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+    out, (r_a, r_b) = _lrp_on(lambda a, b: a * b, a, b)
+    assert torch.equal(r_a, out.detach() / 2) and torch.equal(r_b, out.detach() / 2)
+
+
+def test_uniform_rule_on_a_matmul_of_activations():
+    a, b = torch.randn(2, 4, 3, dtype=torch.float64), torch.randn(2, 3, 6, dtype=torch.float64)
+    out, (r_a, r_b) = _lrp_on(lambda a, b: a @ b, a, b)
+    total = out.detach().sum()
+    torch.testing.assert_close(r_a.sum(), total / 2, rtol=1e-12, atol=0)
+    torch.testing.assert_close(r_b.sum(), total / 2, rtol=1e-12, atol=0)
+
+
+class _GatedMLP(nn.Module):
+    """Bias-free RMSNorm → SiLU-gated MLP → hand-written RMSNorm: identity, uniform, ε rules."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.norm = nn.RMSNorm(d, eps=1e-6)
+        self.gate, self.up, self.down = (nn.Linear(d, 2 * d, bias=False), nn.Linear(d, 2 * d, bias=False),
+                                         nn.Linear(2 * d, d, bias=False))
+        self.weight = nn.Parameter(torch.rand(d) + 0.5)
+
+    def forward(self, x):
+        h = self.norm(x)
+        y = self.down(F.silu(self.gate(h)) * self.up(h))
+        return self.weight * (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-6))
+
+
+def test_bias_free_mlp_and_rms_norms_conserve_relevance():
+    torch.manual_seed(0)
+    module = _GatedMLP().double()
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    out, (r_x,) = _lrp_on(module, x)
+    torch.testing.assert_close(r_x.sum(), out.detach().sum(), rtol=1e-6, atol=0)     # ε of the identity rule
+    _, (plain,) = _lrp_on(module, x, rule="gradient")
+    assert not torch.allclose(plain, r_x, rtol=1e-3)                         # the rules did the work
+
+
+def test_softmax_rule_exact_non_conservation():
+    """Σ R_in = Σ x_i R_i − (Σ s_i x_i)(Σ R_j) with R_i = s_i c_i the output relevance."""
+    x, c = torch.randn(4, 7, dtype=torch.float64), torch.randn(4, 7, dtype=torch.float64)
+    _, (r_x,) = _lrp_on(lambda x: torch.softmax(x, -1) * c, x)
+    s = torch.softmax(x, -1)
+    r_out = s * c
+    expected = (x * r_out).sum(-1) - (s * x).sum(-1) * r_out.sum(-1)
+    torch.testing.assert_close(r_x.sum(-1), expected, rtol=1e-12, atol=1e-14)
+
+
+def test_identity_rule_passes_relevance_through_a_handwritten_gelu():
+    x = torch.randn(3, 9, dtype=torch.float64)
+    gelu_new = lambda x: 0.5 * x * (1.0 + torch.tanh(0.7978845608 * (x + 0.044715 * torch.pow(x, 3.0))))  # noqa: E731
+    out, (r_x,) = _lrp_on(gelu_new, x)
+    torch.testing.assert_close(r_x, out.detach(), rtol=1e-6, atol=1e-12)     # ε of the identity rule
+
+
+# ---- the efficient pass against the explicit rules ------------------------------------------
+def _target(family):
+    if family == "bert":
+        return lambda out: output_tensor(out)[:, 0, :3].sum(-1)
+    return lambda out: output_tensor(out)[:, -1, 5] - output_tensor(out)[:, -1, 9]
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_efficient_pass_equals_the_explicit_rules(family, rule):
+    model = build(FAMILIES[family], layers=2, heads=4, kv_heads=2, head_dim=8).double()
+    ids = torch.randint(1, 60, (2, 7), generator=torch.Generator().manual_seed(1))
+    want = explicit_relevance(model, {"input_ids": ids}, _target(family), rule)
+    im = attnfx.instrument(model)
+    got = attnfx.relevance(im, {"input_ids": ids}, _target(family), rule=rule)
+    im.uninstrument()
+    assert got.leaks == []
+    torch.testing.assert_close(got.target, want["target"], rtol=1e-12, atol=0)
+    pairs = {"tokens": got.tokens, "heads": got.heads_per_position, "attn": got.attn, "mlp": got.mlp,
+             "resid": got.residual}
+    for name, value in pairs.items():
+        assert value is not None and want[name] is not None, name
+        _close(value, want[name])
+
+
+def test_head_relevance_sums_to_the_attention_output_without_o_bias():
+    """Σ_h z_h ⊙ g_h = (Σ_h W_O,h z_h) · g = attn_out · g when o_proj has no bias."""
+    model = build(FAMILIES["llama"], layers=2, heads=4, kv_heads=2, head_dim=8).double()
+    im = attnfx.instrument(model)
+    rel = attnfx.relevance(im, {"input_ids": torch.randint(1, 60, (2, 6))}, 3)
+    _close(rel.heads_per_position.sum(-1), rel.attn, rel=1e-10)
+
+
+def test_cp_lrp_conserves_relevance_through_a_bias_free_model():
+    model = build(FAMILIES["llama"], layers=3, heads=4, kv_heads=2, head_dim=8).double()
+    im = attnfx.instrument(model)
+    rel = attnfx.relevance(im, {"input_ids": torch.randint(1, 60, (2, 6))}, 3, rule="cp-lrp")
+    sums = rel.conservation()
+    for name in ("tokens", "residual"):
+        value = sums[name] if sums[name].dim() == 1 else sums[name].T
+        torch.testing.assert_close(value, sums["target"].expand_as(value), rtol=1e-6, atol=1e-9)
+
+
+# ---- runs, dtypes, targets --------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.inductor)])
+def test_compiled_equals_eager(backend):
+    model = build(FAMILIES["gpt2"], layers=2, heads=4, head_dim=8)
+    ids = torch.randint(1, 60, (2, 6))
+    results = []
+    for mode in ("eager", backend):
+        im = attnfx.instrument(model, backend=mode)
+        results.append(attnfx.relevance(im, {"input_ids": ids}, 4, foil=8))
+        im.uninstrument()
+    for name in ("tokens", "heads_per_position", "attn", "mlp", "residual", "target"):
+        _close(getattr(results[1], name), getattr(results[0], name), rel=TOL[torch.float32] * 10)
+
+
+def test_lowered_attention_uses_the_kernels_lrp_mode():
+    """lower=True: attnfx::attention with lrp=True gives the same relevance as the SDPA rewrite."""
+    model = build(FAMILIES["llama"], layers=2, heads=4, kv_heads=2, head_dim=8).double()
+    ids = torch.randint(1, 60, (1, 9))
+    results = []
+    for lower in (False, True):
+        im = attnfx.instrument(model, lower=lower)
+        results.append(attnfx.relevance(im, {"input_ids": ids}, 7))
+        im.uninstrument()
+    _close(results[1].tokens, results[0].tokens, rel=1e-10)
+    _close(results[1].heads_per_position, results[0].heads_per_position, rel=1e-10)
+
+
+def test_bf16_model_relevance_is_fp32_and_close_to_fp32():
+    model = build(FAMILIES["llama"], layers=2, heads=4, kv_heads=2, head_dim=8)
+    ids = torch.randint(1, 60, (2, 7))
+    im = attnfx.instrument(model)
+    want = attnfx.relevance(im, {"input_ids": ids}, 5)
+    im.uninstrument()
+    im = attnfx.instrument(model.bfloat16())
+    got = attnfx.relevance(im, {"input_ids": ids}, 5)
+    assert got.tokens.dtype == torch.float32 and got.heads_per_position.dtype == torch.float32
+    _close(got.tokens, want.tokens, rel=TOL[torch.bfloat16])
+
+
+def test_target_forms_agree():
+    """A token with a foil, a weighted dict, a (position, token, weight) list and a callable."""
+    model = build(FAMILIES["qwen2"], layers=1, heads=2, kv_heads=1, head_dim=8)
+    im = attnfx.instrument(model)
+    inputs = {"input_ids": torch.randint(1, 60, (2, 5))}
+    by_foil = attnfx.relevance(im, inputs, 4, foil=6)
+    by_dict = attnfx.relevance(im, inputs, {4: 1.0, 6: -1.0})
+    by_list = attnfx.relevance(im, inputs, [(-1, 4, 1.0), (4, 6, -1.0)])
+    by_fn = attnfx.relevance(im, inputs, lambda out: out.logits[:, -1, 4] - out.logits[:, -1, 6])
+    for other in (by_dict, by_list, by_fn):
+        _close(other.tokens, by_foil.tokens, rel=1e-6)
+        _close(other.target, by_foil.target, rel=1e-6)
+
+
+def test_bad_arguments_raise_typed_errors():
+    model = build(FAMILIES["llama"], layers=1, heads=2, kv_heads=1, head_dim=8)
+    im = attnfx.instrument(model)
+    inputs = {"input_ids": torch.randint(1, 60, (2, 5))}
+    with pytest.raises(InvalidArgumentError, match="rule"):
+        attnfx.relevance(im, inputs, 3, rule="lrp")
+    with pytest.raises(InvalidArgumentError, match="token ids"):
+        attnfx.relevance(im, inputs, 10_000)
+    with pytest.raises(InvalidArgumentError, match="target must be"):
+        attnfx.relevance(im, inputs, "cat")
+    with pytest.raises(ShapeMismatchError, match="one scalar per example"):
+        attnfx.relevance(im, inputs, lambda out: out.logits[:, :, 3])
+    assert not any(name.startswith("gate_") for name, _ in im.named_buffers())   # nothing left behind
+
+
+# ---- leaks --------------------------------------------------------------------------------------
+class _SineBlock(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.up, self.down = nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x):
+        return x + self.down(torch.sin(self.up(x)))      # sin: an op no rule covers
+
+
+def test_a_planted_op_without_a_rule_is_reported():
+    model = PlainTransformer(layers=1, heads=2, kv_heads=2, head_dim=8)
+    model.blocks[0].mlp = _SineBlock(16)
+    ids = torch.randint(1, 60, (1, 6))
+    im = attnfx.instrument(model, example_inputs=(ids,))
+    with pytest.raises(RelevanceLeakError, match=r"sin in blocks\.0\.mlp"):
+        attnfx.relevance(im, (ids,), 3, check=True)
+    with pytest.warns(RelevanceLeakWarning, match="sin"):
+        rel = attnfx.relevance(im, (ids,), 3)
+    assert rel.leaks and "sin" in rel.leaks[0]
