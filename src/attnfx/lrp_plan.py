@@ -39,7 +39,7 @@ _LINEAR_FN = {operator.add, operator.sub, operator.neg, operator.truediv, operat
               torch.neg, torch.div, torch.cat, torch.concat, torch.stack, torch.reshape, torch.transpose,
               torch.permute, torch.flatten, torch.unsqueeze, torch.squeeze, torch.chunk, torch.split, torch.mean,
               torch.sum, torch.repeat_interleave, F.linear, torch._C._nn.linear, torch.addmm, F.dropout,
-              F.embedding, torch.where, torch.masked_fill, torch.softmax, F.softmax, F.pad, torch.clone,
+              F.embedding, torch.where, torch.masked_fill, torch.softmax, F.softmax, F.pad, torch.clone, torch.lerp,
               torch.ops.attnfx.attention.default}
 _LINEAR_METHODS = {"add", "sub", "neg", "div", "view", "reshape", "transpose", "permute", "contiguous", "expand",
                    "unsqueeze", "squeeze", "flatten", "chunk", "split", "clone", "repeat_interleave", "to",
@@ -110,8 +110,10 @@ def _is_nonlinear(node: Node, activation_operands: tuple[int, ...]) -> bool:
     return _is_call(node, (operator.mul, torch.mul), ("mul", "__mul__", "__rmul__")) and len(activation_operands) > 1
 
 
-def plan(graph: Graph, sources: set[Node], sites: list[AttentionSite], rule: str) -> Plan:
-    """The rules for `graph` under `rule` ("attnlrp" or "cp-lrp"); sources are the activation inputs."""
+def plan(graph: Graph, sources: set[Node], sites: list[AttentionSite], rule: str,
+         outputs: list[Node] | None = None) -> Plan:
+    """The rules for `graph` under `rule` ("attnlrp" or "cp-lrp"); sources are the activation
+    inputs; outputs the graph outputs relevance starts from (default: all; records are not)."""
     result = Plan()
     norms = find_norms(graph)
     stops = {n.scale for n in norms if n.scale is not None}          # hand-written 1/σ: detached
@@ -121,7 +123,7 @@ def plan(graph: Graph, sources: set[Node], sites: list[AttentionSite], rule: str
                 result.cp_detach += [(site.q_user, 0), (site.q_user, 1)]
     detached = {(n, i) for n, i in result.cp_detach}
     tainted = _taint(graph, sources, stops, detached, rule)
-    live = _liveness(graph, tainted, stops)
+    live = _liveness(graph, tainted, stops, outputs)
     result.live = live
     result.norms = [n for n in norms if n.output in live]
     fused_norm_nodes = {n.output for n in result.norms if n.fused}
@@ -214,11 +216,13 @@ def _taint(graph: Graph, sources: set[Node], stops: set[Node], detached: set, ru
     return tainted
 
 
-def _liveness(graph: Graph, tainted: set[Node], stops: set[Node]) -> set[Node]:
+def _liveness(graph: Graph, tainted: set[Node], stops: set[Node], outputs: list[Node] | None) -> set[Node]:
     """Activation nodes whose value reaches an output through activation nodes."""
     live = set()
-    output = next(n for n in reversed(graph.nodes) if n.op == "output")
-    frontier = [a for _, a in _node_args(output) if a in tainted]
+    if outputs is None:
+        output = next(n for n in reversed(graph.nodes) if n.op == "output")
+        outputs = [a for _, a in _node_args(output)]
+    frontier = [a for a in outputs if a in tainted]
     while frontier:
         node = frontier.pop()
         if node in live:

@@ -12,6 +12,12 @@ RECORD_KINDS = ("z", "readout", "contrib", "final_norm")
 STEERING_STATE = ("q_scale", "v_scale", "v_scale_unbiased", "z_scale", "z_replace", "z_source")
 # Components a probe gate can sit on (x ← x · gate, gate = 1 requiring grad: ∂f/∂gate = Σ x ⊙ ∂f/∂x).
 PROBE_KINDS = ("tokens", "heads", "attn", "mlp", "resid")
+# Components that can be patched (x ← lerp(x, source, w)), given an additive delta (x ← x + δ,
+# δ = 0 requiring grad: ∂f/∂δ = ∂f/∂x) or captured (returned as a record): also the attention
+# queries and keys, as the attention reads them.
+COMPONENT_KINDS = PROBE_KINDS + ("queries", "keys", "values")
+# Captured only: each layer's masked attention logits [b, H, T, S] (fp32).
+CAPTURE_ONLY = ("scores",)
 # Backward rules of the lrp pass: AttnLRP, CP-LRP (q, k detached), or the plain gradient.
 RULES = ("attnlrp", "cp-lrp", "gradient")
 
@@ -24,6 +30,10 @@ class Spec:
     contrib_positions: tuple[int, ...] | None = None  # None: every position
     probes: tuple[str, ...] = ()                 # component kinds gated for attribution
     rule: str = "gradient"                       # backward rules when probed (the lrp pass)
+    patches: tuple[str, ...] = ()                # component kinds patched from a runtime source
+    deltas: tuple[str, ...] = ()                 # component kinds given an additive zero δ
+    captures: tuple[str, ...] = ()               # component kinds returned as records
+    graddrop: bool = False                       # per-layer gradient switch on attn/MLP outputs
 
     def __post_init__(self):
         unknown = sorted(set(self.records) - set(RECORD_KINDS))
@@ -32,6 +42,10 @@ class Spec:
         unknown = sorted(set(self.probes) - set(PROBE_KINDS))
         if unknown:
             raise ValueError(f"unknown probe kind(s) {unknown}; expected any of {PROBE_KINDS}")
+        unknown = sorted(set(self.patches + self.deltas) - set(COMPONENT_KINDS))
+        unknown += sorted(set(self.captures) - set(COMPONENT_KINDS + CAPTURE_ONLY))
+        if unknown:
+            raise ValueError(f"unknown component kind(s) {unknown}; expected any of {COMPONENT_KINDS + CAPTURE_ONLY}")
         if self.rule not in RULES:
             raise ValueError(f"unknown rule {self.rule!r}; expected one of {RULES}")
         if "contrib" in self.records and not self.contrib_heads:
@@ -45,7 +59,8 @@ class Spec:
         raw = json.loads(key)
         raw["records"] = tuple(raw["records"])
         raw["contrib_heads"] = tuple(tuple(p) for p in raw["contrib_heads"])
-        raw["probes"] = tuple(raw["probes"])
+        for name in ("probes", "patches", "deltas", "captures"):
+            raw[name] = tuple(raw[name])
         if raw["contrib_positions"] is not None:
             raw["contrib_positions"] = tuple(raw["contrib_positions"])
         return cls(**raw)
@@ -54,7 +69,13 @@ class Spec:
         if self.discover:
             return ()
         readout = ("readout_directions",) if "readout" in self.records else ()
-        return STEERING_STATE + readout + tuple(gate_name(kind) for kind in self.probes)
+        return (STEERING_STATE + readout + tuple(gate_name(kind) for kind in self.probes)
+                + tuple(name for kind in self.patches for name in (f"patch_w_{kind}", f"patch_src_{kind}"))
+                + tuple(f"delta_{kind}" for kind in self.deltas) + (("grad_keep",) if self.graddrop else ()))
+
+    def touches(self) -> bool:
+        """Whether the probe pass has anything to do."""
+        return bool(self.probes or self.patches or self.deltas or self.captures or self.graddrop)
 
 
 def gate_name(kind: str) -> str:

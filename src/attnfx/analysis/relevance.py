@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import InvalidArgumentError, RelevanceLeakError, RelevanceLeakWarning, ShapeMismatchError
-from ..spec import PROBE_KINDS, RULES, Spec, gate_name
+from ..probing import Probing, relevance_dtype, state_shape
+from ..spec import RULES, Spec, gate_name
 
 
 @dataclass
@@ -54,96 +55,68 @@ class Relevance:
         return sums
 
 
-class _Probing:
-    """The session that gates every component (the wrapper reads `.spec`, calls `._collect`)."""
-
-    def __init__(self, im, batch: int, seq: int, rule: str):
-        sites = im.sites
-        layers, heads, device = len(sites), sites[0].num_heads, im.z_scale.device
-        shapes = {"tokens": (batch, seq), "heads": (layers, batch, seq, heads)}
-        self.gates = {kind: torch.ones(shapes.get(kind, (layers, batch, seq)), device=device, dtype=_wide(im.model),
-                                       requires_grad=True) for kind in PROBE_KINDS}
-        self.spec = Spec(probes=PROBE_KINDS, rule=rule)
-        self._im, self.probed, self.leaks = im, {}, []
-
-    def __enter__(self):
-        im = self._im
-        if im._recording is not None:
-            raise InvalidArgumentError("relevance() cannot run inside an active im.record(...) block")
-        for kind, gate in self.gates.items():
-            im.register_buffer(gate_name(kind), gate, persistent=False)
-        im._recording = self
-        return self
-
-    def __exit__(self, *exc):
-        im = self._im
-        im._recording = None
-        for kind in self.gates:
-            delattr(im, gate_name(kind))
-        return False
-
-    def _collect(self, ctx) -> None:
-        self.probed = {kind: set(layers) for kind, layers in ctx.probed.items()}
-        self.leaks = list(dict.fromkeys(ctx.leaks))
+COMPONENTS = {"tokens": "tokens", "heads": "heads", "attn": "attn", "mlp": "mlp", "residual": "resid"}
 
 
 def relevance(im, inputs, target, *, rule: str = "attnlrp", foil=None, position=-1,
-              check: bool = False) -> Relevance:
+              components=tuple(COMPONENTS), check: bool = False) -> Relevance:
     """Relevance of every component for `target`: a token id (its logit at `position`, minus the
     `foil`'s if given), a {token: weight} dict (a weighted set of logits at `position`), a list of
     (position, token) or (position, token, weight) (several generated tokens at once), or a
     callable outputs → [b] (any scalar function of the outputs per example). rule: "attnlrp",
     "cp-lrp" or "gradient" (plain gradient × input). Ops without a rule are reported in
-    `.leaks` with a RelevanceLeakWarning; check=True raises RelevanceLeakError instead."""
+    `.leaks` with a RelevanceLeakWarning; check=True raises RelevanceLeakError instead.
+    `components` limits the work to some of "tokens", "heads", "attn", "mlp", "residual" (the
+    others come back None): each gated component keeps its activation for the backward."""
     from ..api import _as_call
 
     if rule not in RULES:
         raise InvalidArgumentError(f"rule must be one of {RULES}, got {rule!r}")
+    unknown = [c for c in components if c not in COMPONENTS]
+    if unknown or not components:
+        raise InvalidArgumentError(f"components must be among {tuple(COMPONENTS)}, got {tuple(components)}")
+    kinds = tuple(kind for name, kind in COMPONENTS.items() if name in components)
     args, kwargs = _as_call(inputs)
     if im._sites is None:
         im._discover(args, kwargs)
     batch, seq = _batch_and_length(args, kwargs)
     target_fn = _target_function(target, foil, position, batch)
-    probing = _Probing(im, batch, seq, rule)
+    dtype = relevance_dtype(im.model)
+    gates = {gate_name(kind): torch.ones(state_shape(im, kind, batch, seq, per_dim=False), dtype=dtype,
+                                         device=im.z_scale.device, requires_grad=True) for kind in kinds}
+    probing = Probing(im, Spec(probes=kinds, rule=rule), gates)
     with torch.enable_grad(), probing:
         outputs = im(*args, **kwargs)
     value = target_fn(outputs)
     if value.dim() != 1 or value.shape[0] != batch:
         raise ShapeMismatchError(f"the target must be one scalar per example, shape [{batch}], got {list(value.shape)}")
-    gates = list(probing.gates.values())
-    grads = dict(zip(probing.gates, torch.autograd.grad(value.sum(), gates, allow_unused=True)))
+    grads = dict(zip(kinds, torch.autograd.grad(value.sum(), list(gates.values()), allow_unused=True)))
     if probing.leaks:
         message = (f"relevance leaks through ops with no {rule} rule (plain gradient used): "
                    + "; ".join(probing.leaks))
         if check:
             raise RelevanceLeakError(message)
         warnings.warn(message, RelevanceLeakWarning, stacklevel=2)
-    return Relevance(tokens=_component(grads, probing, "tokens"),
-                     heads_per_position=_component(grads, probing, "heads"),
-                     attn=_component(grads, probing, "attn"), mlp=_component(grads, probing, "mlp"),
-                     residual=_component(grads, probing, "resid"), target=value.detach(), rule=rule,
+    return Relevance(tokens=_component(grads, gates, probing, "tokens"),
+                     heads_per_position=_component(grads, gates, probing, "heads"),
+                     attn=_component(grads, gates, probing, "attn"), mlp=_component(grads, gates, probing, "mlp"),
+                     residual=_component(grads, gates, probing, "resid"), target=value.detach(), rule=rule,
                      leaks=probing.leaks)
 
 
-def _component(grads, probing: _Probing, kind: str) -> torch.Tensor | None:
+def _component(grads, gates, probing: Probing, kind: str) -> torch.Tensor | None:
     """The gate gradient laid out [b, t] / [b, t, L] / [b, t, L, H]; NaN for layers where the
-    component's pattern was not found; None when it was found nowhere."""
-    found = probing.probed.get(kind, set())
-    if not found:
+    component's pattern was not found; None when it was found nowhere or not asked for."""
+    found = probing.touched.get(kind, set())
+    if not found or kind not in grads:
         return None
     grad = grads[kind]
-    grad = torch.zeros_like(probing.gates[kind]) if grad is None else grad.detach().clone()
+    grad = torch.zeros_like(gates[gate_name(kind)]) if grad is None else grad.detach().clone()
     if kind == "tokens":
         return grad
     missing = [layer for layer in range(grad.shape[0]) if layer not in found]
     grad[missing] = float("nan")
     return grad.permute(1, 2, 0, 3) if kind == "heads" else grad.permute(1, 2, 0)
-
-
-def _wide(model) -> torch.dtype:
-    """Relevance dtype: fp32, or fp64 for an fp64 model."""
-    floats = [p.dtype for p in model.parameters() if p.is_floating_point()]
-    return torch.float64 if torch.float64 in floats else torch.float32
 
 
 def _batch_and_length(args, kwargs) -> tuple[int, int]:

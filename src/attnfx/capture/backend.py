@@ -74,7 +74,7 @@ class Backend:
         layered = [(site_info.layer, site) for site_info, site in zip(info.sites, found)]
         user_inputs = ctx.owner._user_inputs(gm, example_inputs, set(state.values()))
         done = passes.rewrite(gm, layered, spec, state, ctx.owner._final_norm_input(gm), user_inputs,
-                              lower=ctx.owner._lower)
+                              lower=ctx.owner._lower or _relevance_on_cuda(spec, example_inputs))
         if done.notes:
             warnings.warn("attnfx lower=True: " + "; ".join(done.notes), LoweringWarning, stacklevel=2)
         counters["attnfx"]["graphs_compiled"] += 1
@@ -91,6 +91,13 @@ class Backend:
             return aot_eager(gm, example_inputs)
         from torch._inductor.compile_fx import compile_fx
         return compile_fx(gm, example_inputs)
+
+
+def _relevance_on_cuda(spec: Spec, example_inputs) -> bool:
+    """Relevance graphs on CUDA run attention on the fused kernel in its AttnLRP mode (sites it
+    cannot take keep SDPA with the rule applied around it, named in a LoweringWarning)."""
+    on_cuda = any(getattr(x, "is_cuda", False) for x in example_inputs)
+    return spec.touches() and spec.rule == "attnlrp" and on_cuda
 
 
 BACKENDS = {mode: Backend(mode) for mode in MODES}

@@ -26,15 +26,18 @@ def rewrite(gm: GraphModule, sites: list[tuple[int, AttentionSite]], spec: Spec,
             final_norm_input: Node | None, user_inputs: set[Node], *, lower: bool = False) -> Rewritten:
     """steer → record → probe → lower → lrp, then one lint and recompile."""
     found = [site for _, site in sites]
-    blocks = find_blocks(gm.graph, found, user_inputs) if spec.probes else None
+    blocks = find_blocks(gm.graph, found, user_inputs) if spec.touches() else None
     steered = steer.apply(gm, sites, state)
     out = Rewritten(record.apply(gm, sites, steered, spec, state, final_norm_input))
-    if spec.probes:
-        out.probed = probe.apply(gm, [layer for layer, _ in sites], blocks, steered, spec, state)
+    if spec.touches():
+        out.probed, captured = probe.apply(gm, sites, blocks, steered, spec, state)
+        out.record_keys += record.append_outputs(gm, captured)
     if lower:
         out.lowered, out.notes = lowering.apply(gm, sites)
-    if spec.probes and spec.rule != "gradient":
-        plan = lrp_plan.plan(gm.graph, _activation_sources(gm, user_inputs), found, spec.rule)
+    if spec.touches() and spec.rule != "gradient":
+        output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+        model_outputs = [a for a in output.args[0][:len(output.args[0]) - len(out.record_keys)] if isinstance(a, Node)]
+        plan = lrp_plan.plan(gm.graph, _activation_sources(gm, user_inputs), found, spec.rule, model_outputs)
         lrp.apply(gm, plan, spec.rule)
         out.leaks = plan.leaks
     gm.graph.lint()

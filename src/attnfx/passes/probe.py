@@ -1,13 +1,17 @@
-"""Probe pass: multiply each probed component by a gate of ones that is a graph input.
+"""Probe pass: give components of each layer runtime handles that attribution and patching need,
+all as graph inputs (runtime state), all exact in the forward:
 
-    x ← x · gate        gate = 1 (runtime state, requires grad)   ⇒   ∂f/∂gate = Σ_d x ⊙ ∂f/∂x
+    x ← lerp(x, source, w)            patch   (w = 0: x; w = 1: source, bit for bit)
+    x ← x + δ                         delta   (δ = 0 requiring grad: ∂f/∂δ = ∂f/∂x)
+    record x                          capture (an extra graph output)
+    x ← x · gate                      gate    (gate = 1 requiring grad: ∂f/∂gate = Σ_d x ⊙ ∂f/∂x,
+                                               in fp32 — the relevance under the lrp pass's rules)
+    x ← x̄ + keep_l · (x − x̄)          graddrop on attention / MLP outputs (x̄ = x.detach():
+                                               keep_l = 0 stops the gradient through layer l)
 
-so one backward pass gives the gradient × input of every component at once: per token
-(gate_tokens [b, t]), per head and position (gate_heads [L, b, t, H], on the steered z), per layer
-and position for the attention output, the MLP output and the residual stream entering the
-layer (gate_attn / gate_mlp / gate_resid [L, b, t]). Under the lrp pass's rules that product is
-the component's LRP relevance (DESIGN §3). The product is taken in fp32 and cast back, so the
-forward is exact (x · 1) in every dtype and the relevance sums accumulate in fp32.
+Components: the token embedding, each layer's residual stream, attention output and MLP output
+(state [L, b, t], sources [L, b, t, d]), head outputs z, queries and keys (state [L, b, t, H],
+sources [L, b, t, H, d], as SDPA reads them: the steered z and q, the keys after any cache).
 """
 from __future__ import annotations
 
@@ -17,43 +21,122 @@ import torch
 from torch.fx import GraphModule, Node
 
 from ..blocks import Blocks
-from ..sites import example_value
+from ..sites import AttentionSite, _arg, example_value
 from ..spec import Spec, gate_name
 from ._build import call
+from .record import RecordKey
+
+HEAD_KINDS = ("heads", "queries", "keys", "values")
 
 
-def apply(gm: GraphModule, layers: list[int], blocks: Blocks, steered: dict[int, Node], spec: Spec,
-          state: dict[str, Node]) -> dict[str, list[int]]:
-    """Gate every probed component found; returns, per kind, the layers gated (-1: tokens)."""
-    g, current, gated = gm.graph, {}, {}
-    targets = {"tokens": [(-1, blocks.tokens)],
-               "resid": list(zip(layers, blocks.resid_pre)),
-               "heads": [(layer, steered.get(layer)) for layer in layers],
-               "attn": list(zip(layers, blocks.attn_out)),
-               "mlp": list(zip(layers, blocks.mlp_out))}
-    for kind in ("tokens", "resid", "heads", "attn", "mlp"):      # outer components first
-        if kind not in spec.probes:
+def targets(sites, blocks: Blocks, steered: dict[int, Node]) -> dict[str, list[tuple[int, Node | None]]]:
+    layers = [layer for layer, _ in sites]
+    return {"tokens": [(-1, blocks.tokens)], "resid": list(zip(layers, blocks.resid_pre)),
+            "queries": [(layer, _arg(site.q_user, 0, "query")) for layer, site in sites],
+            "keys": [(layer, site.k) for layer, site in sites],
+            "values": [(layer, _value_operand(site)) for layer, site in sites],
+            "heads": [(layer, steered.get(layer)) for layer in layers],
+            "attn": list(zip(layers, blocks.attn_out)), "mlp": list(zip(layers, blocks.mlp_out))}
+
+
+def apply(gm: GraphModule, sites: list[tuple[int, AttentionSite]], blocks: Blocks, steered: dict[int, Node],
+          spec: Spec, state: dict[str, Node]) -> tuple[dict[str, list[int]], list[tuple[RecordKey, Node]]]:
+    """Instrument every component the spec names; returns, per kind, the layers instrumented
+    (-1: tokens), and the captured records."""
+    g, latest, touched, records = gm.graph, {}, {}, []
+    wanted = set(spec.probes) | set(spec.patches) | set(spec.deltas) | set(spec.captures)
+    if spec.graddrop:
+        wanted |= {"attn", "mlp"}
+    for kind, found in targets(sites, blocks, steered).items():
+        if kind not in wanted:
             continue
-        gated[kind] = []
-        for layer, node in targets[kind]:
-            if node is None:
+        touched[kind] = []
+        for layer, node in found:
+            if not isinstance(node, Node):
                 continue
-            node = current.get(node, node)                  # a node probed twice (tokens = resid 0)
-            current[node] = _gate(g, node, state[gate_name(kind)], layer, heads=kind == "heads")
-            gated[kind].append(layer)
-    return gated
+            while node in latest:                       # probed before (tokens = resid 0)
+                node = latest[node]
+            latest[node] = _instrument(g, node, kind, layer, spec, state, records)
+            touched[kind].append(layer)
+    if "scores" in spec.captures:
+        _capture_scores(g, sites, records)
+    return touched, records
 
 
-def _gate(g, x: Node, state: Node, layer: int, heads: bool) -> Node:
-    """x · gate with the gate broadcast over d: [b, t] → [b, t, 1]; heads [b, t, H] → [b, H, t, 1]."""
+def _instrument(g, x: Node, kind: str, layer: int, spec: Spec, state, records) -> Node:
     users = list(x.users)
     dtype = example_value(x).dtype
+    heads = kind in HEAD_KINDS
     with g.inserting_before(x.next):
-        gate = state if layer < 0 else call(g, operator.getitem, state, layer)
-        view = call(g, "unsqueeze", call(g, "permute", gate, 0, 2, 1) if heads else gate, -1)
-        wide = call(g, "to", x, torch.promote_types(dtype, torch.float32))      # fp32, or fp64 for fp64
-        new = call(g, "to", call(g, operator.mul, wide, view), dtype)
-    for user in users:
-        user.replace_input_with(x, new)
-    new.meta.update(x.meta)
-    return new
+        y = x
+        if kind in spec.patches:
+            weight = _layout(g, _pick(g, state[f"patch_w_{kind}"], layer), heads, per_dim=False)
+            source = _layout(g, _pick(g, state[f"patch_src_{kind}"], layer), heads, per_dim=True)
+            y = call(g, torch.lerp, y, call(g, "to", source, dtype), call(g, "to", weight, dtype))
+        if kind in spec.deltas:
+            delta = _layout(g, _pick(g, state[f"delta_{kind}"], layer), heads, per_dim=True)
+            y = call(g, operator.add, y, call(g, "to", delta, dtype))
+        if kind in spec.captures:
+            records.append((RecordKey(f"capture:{kind}", layer), call(g, "transpose", y, 1, 2) if heads else y))
+        if kind in spec.probes:
+            gate = _layout(g, _pick(g, state[gate_name(kind)], layer), heads, per_dim=False)
+            wide = call(g, "to", y, torch.promote_types(dtype, torch.float32))      # fp32, or fp64 for fp64
+            y = call(g, "to", call(g, operator.mul, wide, gate), dtype)
+        if spec.graddrop and kind in ("attn", "mlp"):
+            frozen = call(g, "detach", y)
+            keep = call(g, "to", _pick(g, state["grad_keep"], layer), dtype)
+            y = call(g, operator.add, frozen, call(g, operator.mul, call(g, operator.sub, y, frozen), keep))
+    if y is not x:
+        for user in users:
+            user.replace_input_with(x, y)
+        y.meta.update(x.meta)
+    return y
+
+
+def _value_operand(site: AttentionSite) -> Node:
+    return _arg(site.attn, 2, "value") if site.pattern == "sdpa_call" else site.attn.args[1]
+
+
+def _capture_scores(g, sites, records) -> None:
+    """Each layer's masked logits [b, H, T, S] in fp32: the softmax input of a hand-written
+    attention, recomputed from the (steered) q and k for SDPA."""
+    for layer, site in sites:
+        if site.scores is not None:
+            wide = torch.promote_types(example_value(site.scores).dtype, torch.float32)
+            with g.inserting_before(site.scores.next):
+                records.append((RecordKey("capture:scores", layer), call(g, "to", site.scores, wide)))
+            continue
+        node = site.attn
+        with g.inserting_before(node):
+            scores = call(g, sdpa_scores, _arg(node, 0, "query"), _arg(node, 1, "key"), _arg(node, 3, "attn_mask"),
+                          bool(_arg(node, 5, "is_causal", False)), site.scale)
+        records.append((RecordKey("capture:scores", layer), scores))
+
+
+def sdpa_scores(q, k, attn_mask, is_causal: bool, scale: float):
+    """SDPA's logits as it masks them: q kᵀ · scale + mask (bool: −inf where False; causal: top-left),
+    in fp32 (fp64 for fp64 inputs)."""
+    wide = torch.promote_types(q.dtype, torch.float32)
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    scores = (q.to(wide) @ k.to(wide).transpose(-1, -2)) * scale
+    if is_causal:
+        keep = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~keep, float("-inf"))
+    if attn_mask is not None:
+        scores = (scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool
+                  else scores + attn_mask.to(wide))
+    return scores
+
+
+def _pick(g, state: Node, layer: int) -> Node:
+    return state if layer < 0 else call(g, operator.getitem, state, layer)
+
+
+def _layout(g, value: Node, heads: bool, per_dim: bool) -> Node:
+    """State [b, t(, H)] / sources [b, t(, H), d] → broadcastable against the component:
+    [b, t, 1] / [b, t, d], or for head kinds [b, H, t, 1] / [b, H, t, d]."""
+    if heads:
+        if per_dim:
+            return call(g, "permute", value, 0, 2, 1, 3)
+        return call(g, "unsqueeze", call(g, "permute", value, 0, 2, 1), -1)
+    return value if per_dim else call(g, "unsqueeze", value, -1)

@@ -43,8 +43,13 @@ def apply(gm: GraphModule, sites: list[tuple[int, AttentionSite]], steered: dict
                                 _contrib(g, site, z, heads, spec.contrib_positions)))
         if "final_norm" in spec.records and final_norm_input is not None:
             records.append((RecordKey("final_norm", -1), final_norm_input))
-    outs = output.args[0]
-    output.args = (tuple(outs) + tuple(node for _, node in records),)
+    return append_outputs(gm, records)
+
+
+def append_outputs(gm: GraphModule, records: list[tuple[RecordKey, Node]]) -> list[RecordKey]:
+    """Append record nodes to the graph's outputs; returns their keys in output order."""
+    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    output.args = (tuple(output.args[0]) + tuple(node for _, node in records),)
     return [key for key, _ in records]
 
 

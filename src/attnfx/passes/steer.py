@@ -45,6 +45,7 @@ def _steer_query(gm, layer, site: AttentionSite, state):
     dtype = example_value(site.q).dtype
     coef = _head_coef(g, call(g, operator.getitem, state["q_scale"], layer), dtype, site.num_heads)
     q = call(g, operator.mul, site.q, coef)
+    q.meta["example_value"] = example_value(site.q)           # same shape and dtype: later passes read it
     replace_operand(site.q_user, site.q, q, 0, "query")
 
 
@@ -66,6 +67,7 @@ def _steer_value(gm, layer, site: AttentionSite, state):
         term = call(g, "view", call(g, operator.mul, call(g, "to", bias, val.dtype), coef), 1, heads_v, 1, site.head_dim)
         v = call(g, operator.add, v, term)
     value_index = 2 if site.pattern == "sdpa_call" else 1
+    v.meta["example_value"] = val
     replace_operand(site.attn, site.v, v, value_index, "value")
 
 
