@@ -22,6 +22,8 @@ class SiteInfo:
     o_proj: str | None            # parameter name of W_O
     value_bias: str | None        # parameter name of the bias that produces v, if any
     occurrence: int = 0
+    scale: float | None = None    # the softmax scale on q·k (None: not a constant)
+    kv_heads_read: int = 0        # heads of k and v as the attention reads them (after any repeat)
 
 
 @dataclass(frozen=True)

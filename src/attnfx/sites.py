@@ -12,6 +12,7 @@ graph.
 """
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass, field
 
@@ -58,6 +59,9 @@ class AttentionSite:
     o_layout: str | None = None     # "out_in" (F.linear) or "in_out" (addmm / matmul)
     o_bias: Node | None = None
     o_node: Node | None = None      # the output projection node (linear / addmm / matmul)
+    scale: float | None = None      # the softmax scale on q·k (None: not a constant)
+    scores: Node | None = None      # hand-written attention: the softmax's input (masked logits)
+    kv_heads_read: int = 0          # heads of k and v as the attention reads them (after any repeat)
     v_bias: Node | None = None      # bias of the projection that produces v, if any
     v_bias_chain: list[Node] = field(default_factory=list)  # producer output → pre-cache v
 
@@ -240,7 +244,11 @@ def _match_sdpa(node: Node):
     q, k, v = _arg(node, 0, "query"), _arg(node, 1, "key"), _arg(node, 2, "value")
     mask = _arg(node, 3, "attn_mask")
     causal = bool(_arg(node, 5, "is_causal", False))
-    return "sdpa_call", node, node, q, k, v, (causal if mask is None else None), mask is not None
+    scale = _arg(node, 6, "scale", None)
+    if scale is None and _shape(q) is not None:
+        scale = 1.0 / math.sqrt(_shape(q)[-1])
+    scale = float(scale) if isinstance(scale, (int, float)) else None
+    return "sdpa_call", node, node, q, k, v, (causal if mask is None else None), mask is not None, scale, None
 
 
 def _match_matmul_softmax(node: Node):
@@ -256,10 +264,28 @@ def _match_matmul_softmax(node: Node):
         return None
     q, k_t = scores.args[0], scores.args[1]
     k = k_t.args[0] if _is_call(k_t, (torch.transpose,), ("transpose", "mT")) else k_t
+    chain = _between(scores, node)
     masked = any(_is_call(n, (operator.add, torch.add, torch.where, torch.masked_fill),
-                          ("add", "masked_fill", "__add__"))
-                 for n in _between(scores, node))
-    return "matmul_softmax_matmul", out, scores, q, k, out.args[1], None, masked
+                          ("add", "masked_fill", "__add__")) for n in chain)
+    return ("matmul_softmax_matmul", out, scores, q, k, out.args[1], None, masked, _chain_scale(chain[1:]),
+            node.args[0])
+
+
+def _chain_scale(chain: list[Node]) -> float | None:
+    """The constant factor that scaling ops between q @ kᵀ and the softmax apply (None if any
+    factor is a tensor)."""
+    scale = 1.0
+    for node in chain:
+        numbers = [a for a in node.args if isinstance(a, (int, float)) and not isinstance(a, bool)]
+        if _is_call(node, (operator.mul, torch.mul), ("mul", "__mul__")):
+            if len(numbers) != 1:
+                return None
+            scale *= numbers[0]
+        elif _is_call(node, (operator.truediv, torch.div), ("div", "__truediv__")):
+            if len(numbers) != 1 or node.args[1] is not numbers[0]:
+                return None
+            scale /= numbers[0]
+    return scale
 
 
 def _between(start: Node, end: Node) -> list[Node]:
@@ -283,7 +309,7 @@ def find_sites(graph: Graph) -> tuple[list[AttentionSite], list[str]]:
         match = _match_sdpa(node) or _match_matmul_softmax(node)
         if match is None:
             continue
-        pattern, attn, q_user, q, k, v, causal, masked = match
+        pattern, attn, q_user, q, k, v, causal, masked, scale, scores = match
         zshape = _shape(attn)
         if zshape is None or len(zshape) != 4 or not all(isinstance(x, Node) for x in (q, k, v)):
             notes.append(f"{pattern} at node {attn.name}: output is not [batch, heads, seq, head_dim]")
@@ -296,7 +322,8 @@ def find_sites(graph: Graph) -> tuple[list[AttentionSite], list[str]]:
             pattern=pattern, attn=attn, q_user=q_user, q=q, k=k, v=v,
             num_heads=num_heads, num_kv_heads=_count_kv_heads(k, num_heads, head_dim),
             head_dim=head_dim, module_stack_path=path, occurrence=occurrence,
-            causal=causal, masked=masked)
+            causal=causal, masked=masked, scale=scale, scores=scores,
+            kv_heads_read=int(_shape(k)[1]) if _shape(k) is not None and len(_shape(k)) == 4 else num_heads)
         site.o_node, site.o_weight, site.o_layout, site.o_bias = _output_projection(attn, num_heads, head_dim)
         site.v_bias, site.v_bias_chain = _value_bias_chain(v)
         sites.append(site)
