@@ -11,7 +11,7 @@ from .errors import *  # noqa: F401,F403  (typed errors are part of the public s
 from .sites import PATTERNS
 
 __all__ = ["instrument", "InstrumentedModel", "SiteInfo", "FinalNormInfo", "PATTERNS", "errors",
-           "head_attribution", "relevance"]
+           "head_attribution", "relevance", "patching", "metrics"]
 __version__ = "0.1.0"
 
 
@@ -22,4 +22,7 @@ def __getattr__(name):
     if name == "relevance":
         from .analysis.relevance import relevance
         return relevance
+    if name in ("patching", "metrics"):
+        import importlib
+        return importlib.import_module(f".analysis.{name}", __name__)
     raise AttributeError(name)

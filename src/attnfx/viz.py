@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["head_heatmap", "rate_curves"]
+__all__ = ["head_heatmap", "rate_curves", "patching_heatmap"]
 
 
 def _figure(width: float, height: float):
@@ -64,6 +64,31 @@ def rate_curves(sweeps: dict[str, dict], path: str | Path, *, title: str, baseli
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))   # outside: the curves fill the axes
     ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def patching_heatmap(result, path: str | Path, *, title: str | None = None) -> Path:
+    """A PatchingResult as a heatmap: layer × head, layer × position, or (head kinds per position)
+    one row per (layer, head) against position."""
+    grid = result.scores.detach().float().cpu()
+    if grid.dim() == 1:
+        grid, columns, rows = grid[:, None], [""], [f"L{l}" for l in range(grid.shape[0])]
+    elif grid.dim() == 2:
+        rows = [f"L{l}" for l in range(grid.shape[0])]
+        columns = [str(i) for i in range(grid.shape[1])]
+    else:
+        layers, heads, seq = grid.shape
+        rows = [f"L{l}H{h}" for l in range(layers) for h in range(heads)]
+        grid, columns = grid.reshape(layers * heads, seq), [str(t) for t in range(seq)]
+    limit = float(grid.abs().max()) or 1.0
+    fig = _figure(1.6 + 0.45 * len(columns), 1.2 + 0.3 * len(rows))
+    ax = fig.add_subplot()
+    image = ax.imshow(grid.numpy(), cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
+    ax.set_xticks(range(len(columns)), columns, fontsize=7)
+    ax.set_yticks(range(len(rows)), rows, fontsize=7)
+    ax.set_xlabel(result.dims[-1] if len(result.dims) > 1 else "")
+    ax.set_title(title or f"{result.method}: {result.component} ({' × '.join(result.dims)})", fontsize=9)
+    fig.colorbar(image, ax=ax, label="metric change")
     return _save(fig, path)
 
 

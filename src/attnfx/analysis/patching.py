@@ -1,0 +1,279 @@
+"""Patching on the instrumented graph: exact activation patching and its gradient-based
+estimates — attribution patching (AtP), AtP* (Kramár et al. 2024: QK fix + GradDrop) and RelP
+(Rezaei Jafari et al. 2025: AtP with LRP coefficients).
+
+A component's effect is the change of the metric when its activation in the clean run is
+replaced by the corrupt run's, averaged over the examples:
+
+    c(n) = mean_b [ metric(clean | n ← n(corrupt)) − metric(clean) ]
+    AtP:  c(n) ≈ (n(corrupt) − n(clean)) · ∂metric/∂n          at the clean run
+    RelP: the same with the LRP coefficients of the lrp pass in place of ∂metric/∂n
+
+Components: "heads" (z_h), "queries", "keys", "values" (as attention reads them), "attn" and
+"mlp" (each layer's output), "resid" (the residual stream entering each layer); all positions
+at once or, with per_position=True, one position at a time. Sources and patch weights are runtime
+tensors of the graph (the probe pass), so every method runs compiled and never recompiles per
+component; AtP and RelP take the gradient at the patch weights (w = 0): ∂metric/∂w = (source − x)·g.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import InvalidArgumentError, ShapeMismatchError
+from ..passes.probe import HEAD_KINDS
+from ..probing import Probing, relevance_dtype, state_shape
+from ..spec import Spec
+from . import qk_fix
+from .metrics import wide
+
+COMPONENTS = ("heads", "attn", "mlp", "resid", "queries", "keys", "values")
+
+
+@dataclass
+class PatchingResult:
+    """scores: [L, H] ([L, H, T] per position) for head kinds, [L] ([L, T]) for the others."""
+    scores: torch.Tensor
+    dims: tuple[str, ...]
+    component: str
+    method: str
+    clean: torch.Tensor                     # metric of the clean run, per example
+    corrupt: torch.Tensor                   # metric of the corrupt run, per example
+    forwards: int
+    backwards: int
+    seconds: float
+    signed: torch.Tensor | None = None      # AtP*: the QK-fixed AtP before GradDrop's |·| average
+    notes: list[str] = field(default_factory=list)
+
+    def plot(self, path, title: str | None = None):
+        """Write the scores as a heatmap (PNG) to `path`."""
+        from ..viz import patching_heatmap
+        return patching_heatmap(self, path, title=title)
+
+
+def _call(inputs) -> tuple[tuple, dict]:
+    from ..api import _as_call
+    return _as_call(inputs)
+
+
+def _shape_of(args, kwargs) -> tuple[int, int]:
+    from .relevance import _batch_and_length
+    return _batch_and_length(args, kwargs)
+
+
+def logits_of(outputs) -> torch.Tensor:
+    logits = outputs if isinstance(outputs, torch.Tensor) else getattr(outputs, "logits", None)
+    if not isinstance(logits, torch.Tensor):
+        raise InvalidArgumentError("patching needs logits among the model's outputs (a tensor or .logits)")
+    return logits
+
+
+def _check(im, clean, corrupt, component: str):
+    if component not in COMPONENTS:
+        raise InvalidArgumentError(f"components must be one of {COMPONENTS}, got {component!r}")
+    (args, kwargs), (cargs, ckwargs) = _call(clean), _call(corrupt)
+    if im._sites is None:
+        im._discover(args, kwargs)
+    shape, other = _shape_of(args, kwargs), _shape_of(cargs, ckwargs)
+    if shape != other:
+        raise ShapeMismatchError(f"clean and corrupt inputs must share [batch, seq]; got {shape} and {other}")
+    return (args, kwargs), (cargs, ckwargs), shape
+
+
+def capture(im, inputs, kinds: tuple[str, ...]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One forward returning the logits and, per kind, the activations stacked over layers
+    ([L, b, t(, H), d]; scores [L, b, H, T, S])."""
+    args, kwargs = _call(inputs)
+    probing = Probing(im, Spec(captures=tuple(kinds)), {})
+    with torch.no_grad(), probing:
+        logits = logits_of(im(*args, **kwargs))
+    out = {}
+    for kind in kinds:
+        per_layer = probing.captures.get(kind, {})
+        missing = [layer for layer in range(len(im.sites)) if layer not in per_layer]
+        if missing:
+            raise InvalidArgumentError(f"no '{kind}' component was found in layer(s) {missing}")
+        out[kind] = torch.stack([per_layer[layer] for layer in range(len(im.sites))])
+    return logits, out
+
+
+def _per_example(kind: str, estimates: torch.Tensor, per_position: bool) -> tuple[torch.Tensor, tuple]:
+    """[L, b, t(, H)] estimates → [L, b, H(, T)] / [L, b(, T)] (positions summed unless per_position)."""
+    if kind in HEAD_KINDS:
+        estimates = estimates.transpose(2, 3)                      # [L, b, H, t]
+        dims = ("layer", "head", "position") if per_position else ("layer", "head")
+    else:
+        dims = ("layer", "position") if per_position else ("layer",)
+    return (estimates if per_position else estimates.sum(-1)), dims
+
+
+def _layout(kind: str, estimates: torch.Tensor, per_position: bool) -> tuple[torch.Tensor, tuple]:
+    """[L, b, t(, H)] estimates → mean over examples → [L, H(, T)] / [L(, T)]."""
+    per_example, dims = _per_example(kind, estimates, per_position)
+    return per_example.mean(1), dims
+
+
+# ---- exact activation patching -------------------------------------------------------------------
+def activation_patching(im, clean, corrupt, metric: Callable, components: str = "heads", *,
+                        per_position: bool = False, rows_per_forward: int = 256,
+                        progress: bool = True) -> PatchingResult:
+    """Exact: one patched run per component, many runs batched into one forward (the clean
+    batch tiled, each tile patching one component); the last chunk is padded with unpatched
+    tiles so every forward has one shape (no recompilation)."""
+    start = time.perf_counter()
+    (args, kwargs), _, (batch, seq) = _check(im, clean, corrupt, components)
+    corrupt_logits, sources = capture(im, corrupt, (components,))
+    with torch.no_grad():
+        base = wide(metric(logits_of(im(*args, **kwargs))))
+    todo = _enumerate(im, components, seq, per_position)
+    tiles = max(1, min(len(todo), rows_per_forward // batch))
+    shape = state_shape(im, components, batch * tiles, seq, per_dim=False)
+    source = sources[components].repeat(1, tiles, *([1] * (sources[components].dim() - 2)))
+    tiled_args, tiled_kwargs = _tile(args, batch, tiles), _tile(kwargs, batch, tiles)
+    effects = torch.zeros(len(todo), device=base.device, dtype=base.dtype)
+    chunks = range(0, len(todo), tiles)
+    for first in tqdm(chunks, desc=f"activation patching ({components})", disable=not progress, leave=False):
+        weight = torch.zeros(shape, device=base.device)
+        chunk = todo[first:first + tiles]
+        for i, index in enumerate(chunk):
+            weight[(index[0], slice(i * batch, (i + 1) * batch)) + index[1:]] = 1.0
+        state = {f"patch_w_{components}": weight, f"patch_src_{components}": source}
+        with torch.no_grad(), Probing(im, Spec(patches=(components,)), state):
+            logits = logits_of(im(*tiled_args, **tiled_kwargs))
+        for i in range(len(chunk)):
+            effects[first + i] = (wide(metric(logits[i * batch:(i + 1) * batch])) - base).mean()
+    scores, dims = _unflatten(im, components, seq, per_position, effects)
+    return PatchingResult(scores, dims, components, "activation", base, wide(metric(corrupt_logits)),
+                          forwards=2 + len(chunks), backwards=0, seconds=time.perf_counter() - start)
+
+
+def _enumerate(im, kind: str, seq: int, per_position: bool) -> list[tuple]:
+    """Indices into the patch weight [L, rows, t(, H)] after the row slice: (layer, t-slice(, head))."""
+    layers = range(len(im.sites))
+    positions = [slice(t, t + 1) for t in range(seq)] if per_position else [slice(None)]
+    if kind in HEAD_KINDS:
+        heads = state_shape(im, kind, 1, 1, per_dim=False)[-1]
+        return [(layer, pos, head) for layer in layers for head in range(heads) for pos in positions]
+    return [(layer, pos) for layer in layers for pos in positions]
+
+
+def _unflatten(im, kind, seq, per_position, effects):
+    layers = len(im.sites)
+    if kind in HEAD_KINDS:
+        heads = state_shape(im, kind, 1, 1, per_dim=False)[-1]
+        if per_position:
+            return effects.reshape(layers, heads, seq), ("layer", "head", "position")
+        return effects.reshape(layers, heads), ("layer", "head")
+    return (effects.reshape(layers, seq), ("layer", "position")) if per_position else (effects, ("layer",))
+
+
+def _tile(value, batch: int, tiles: int):
+    """Every [batch, ...] tensor repeated `tiles` times along the batch."""
+    if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == batch:
+        return value.repeat(tiles, *([1] * (value.dim() - 1)))
+    if isinstance(value, dict):
+        return {k: _tile(v, batch, tiles) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return tuple(_tile(v, batch, tiles) for v in value)
+    return value
+
+
+# ---- gradient estimates ----------------------------------------------------------------------------
+def _estimate(im, args, kwargs, metric, kind, source, rule: str, keep=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One clean forward + backward: ∂metric/∂w at w = 0, i.e. (source − x) · g per example,
+    position (and head) — [L, b, t(, H)] — and the clean metric."""
+    batch, seq = _shape_of(args, kwargs)
+    weight = torch.zeros(state_shape(im, kind, batch, seq, per_dim=False), device=source.device,
+                         dtype=relevance_dtype(im.model), requires_grad=True)
+    state = {f"patch_w_{kind}": weight, f"patch_src_{kind}": source}
+    if keep is not None:
+        state["grad_keep"] = keep
+    with torch.enable_grad(), Probing(im, Spec(patches=(kind,), rule=rule, graddrop=keep is not None), state):
+        value = wide(metric(logits_of(im(*args, **kwargs))))
+    (grad,) = torch.autograd.grad(value.sum(), [weight])
+    return grad, value.detach()
+
+
+def attribution_patching(im, clean, corrupt, metric: Callable, components: str = "heads", *,
+                         per_position: bool = False) -> PatchingResult:
+    """AtP: 2 forwards + 1 backward for every component at once."""
+    return _gradient_method(im, clean, corrupt, metric, components, per_position, "gradient", "atp")
+
+
+def relp(im, clean, corrupt, metric: Callable, components: str = "heads", *, per_position: bool = False,
+         rule: str = "attnlrp") -> PatchingResult:
+    """RelP: AtP with the LRP coefficients of the lrp pass (AttnLRP rules by default); 2 forwards
+    + 1 backward."""
+    if rule not in ("attnlrp", "cp-lrp"):
+        raise InvalidArgumentError(f"RelP's rule must be 'attnlrp' or 'cp-lrp', got {rule!r}")
+    return _gradient_method(im, clean, corrupt, metric, components, per_position, rule, "relp")
+
+
+def _gradient_method(im, clean, corrupt, metric, kind, per_position, rule, name) -> PatchingResult:
+    start = time.perf_counter()
+    (args, kwargs), _, _ = _check(im, clean, corrupt, kind)
+    corrupt_logits, sources = capture(im, corrupt, (kind,))
+    grad, base = _estimate(im, args, kwargs, metric, kind, sources[kind], rule)
+    scores, dims = _layout(kind, grad, per_position)
+    return PatchingResult(scores, dims, kind, name, base, wide(metric(corrupt_logits)), forwards=2, backwards=1,
+                          seconds=time.perf_counter() - start)
+
+
+def atp_star(im, clean, corrupt, metric: Callable, components: str = "heads", *, per_position: bool = False,
+             graddrop: bool = True) -> PatchingResult:
+    """AtP*: queries and keys get the QK fix (the attention softmax recomputed exactly for the
+    patched query or key, linear from the probabilities on); every component gets GradDrop (the
+    gradient through layer ℓ's attention and MLP outputs zeroed, for each ℓ in turn; the score is
+    the mean over examples and over the ℓ other than the component's own layer of |estimate|,
+    an upper-bound-like magnitude that cancellation cannot hide). `signed` keeps the
+    QK-fixed AtP without GradDrop. Passes: 2 + L forwards, 1 + L backwards (GradDrop off: 2, 1)."""
+    start = time.perf_counter()
+    (args, kwargs), _, (batch, seq) = _check(im, clean, corrupt, components)
+    layers = len(im.sites)
+    qk = components in ("queries", "keys")
+    kinds = ("queries", "keys", "values", "scores") if qk else (components,)
+    corrupt_logits, corrupt_acts = capture(im, corrupt, kinds[:2] if qk else kinds)
+    clean_acts = capture(im, clean, kinds)[1] if qk else None
+
+    def estimate(keep):
+        if not qk:
+            return _estimate(im, args, kwargs, metric, components, corrupt_acts[components], "gradient", keep)
+        grad_z, value = _grad_at_heads(im, args, kwargs, metric, batch, seq, keep)
+        scales = [s.scale for s in im.sites]
+        return qk_fix.estimate(components, clean_acts, corrupt_acts, grad_z, scales), value
+
+    signed, base = estimate(None)
+    runs = []
+    if graddrop:
+        for dropped in range(layers):
+            keep = torch.ones(layers, device=signed.device)
+            keep[dropped] = 0.0
+            runs.append(_per_example(components, estimate(keep)[0], per_position)[0].abs().mean(1))
+    signed_scores, dims = _layout(components, signed, per_position)
+    if runs:
+        stacked = torch.stack(runs)                                                         # [ℓ, L, ...]
+        own = torch.eye(layers, dtype=torch.bool, device=stacked.device)
+        own = own.reshape(layers, layers, *([1] * (stacked.dim() - 2)))
+        scores = stacked.masked_fill(own, 0.0).sum(0) / max(layers - 1, 1)
+    else:
+        scores = signed_scores
+    return PatchingResult(scores, dims, components, "atp*", base, wide(metric(corrupt_logits)),
+                          forwards=2 + int(qk) + len(runs), backwards=1 + len(runs),
+                          seconds=time.perf_counter() - start, signed=signed_scores)
+
+
+def _grad_at_heads(im, args, kwargs, metric, batch, seq, keep) -> torch.Tensor:
+    """∂metric/∂z at every head output, [L, b, t, H, d], from one clean forward + backward."""
+    delta = torch.zeros(state_shape(im, "heads", batch, seq, per_dim=True), device=im.z_scale.device,
+                        dtype=relevance_dtype(im.model), requires_grad=True)
+    state = {"delta_heads": delta}
+    if keep is not None:
+        state["grad_keep"] = keep
+    with torch.enable_grad(), Probing(im, Spec(deltas=("heads",), graddrop=keep is not None), state):
+        value = wide(metric(logits_of(im(*args, **kwargs))))
+    (grad,) = torch.autograd.grad(value.sum(), [delta])
+    return grad, value.detach()
