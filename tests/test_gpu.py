@@ -80,3 +80,24 @@ def test_lowered_inductor_equals_the_model(family):
         assert_close(output_tensor(im(input_ids=ids)).float(), output_tensor(model(input_ids=ids)).float(),
                      dtype=torch.bfloat16)
     assert counters["attnfx"]["sites_lowered"] - before == 2
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_relevance_on_cuda_runs_the_kernels_lrp_mode(family):
+    """attnfx.relevance on CUDA lowers attention onto the Triton kernel in AttnLRP mode and equals
+    the explicit rules (fp64 on the CPU)."""
+    from torch._dynamo.utils import counters
+
+    from attnfx.analysis.lrp_explicit import explicit_relevance
+
+    model = build(FAMILIES[family], layers=2, heads=8, kv_heads=2, head_dim=64)
+    ids = torch.randint(1, 64, (2, 200))
+    target = lambda out: output_tensor(out)[:, -1, 5]          # noqa: E731
+    want = explicit_relevance(model.double(), {"input_ids": ids}, target)
+    im = attnfx.instrument(model.float().cuda())
+    before = counters["attnfx"]["sites_lowered"]
+    got = attnfx.relevance(im, {"input_ids": ids.cuda()}, target)
+    assert counters["attnfx"]["sites_lowered"] - before == 2
+    for name, key in (("tokens", "tokens"), ("heads_per_position", "heads"), ("residual", "resid")):
+        scale = want[key].abs().max().item()
+        torch.testing.assert_close(getattr(got, name).double().cpu(), want[key], rtol=0, atol=1e-4 * scale)

@@ -230,3 +230,16 @@ def test_a_planted_op_without_a_rule_is_reported():
     with pytest.warns(RelevanceLeakWarning, match="sin"):
         rel = attnfx.relevance(im, (ids,), 3)
     assert rel.leaks and "sin" in rel.leaks[0]
+
+
+def test_components_limit_the_work():
+    model = build(FAMILIES["llama"], layers=2, heads=4, kv_heads=2, head_dim=8)
+    im = attnfx.instrument(model)
+    inputs = {"input_ids": torch.randint(1, 60, (2, 5))}
+    full = attnfx.relevance(im, inputs, 3)
+    some = attnfx.relevance(im, inputs, 3, components=("tokens", "heads"))
+    assert some.attn is None and some.mlp is None and some.residual is None
+    torch.testing.assert_close(some.tokens, full.tokens, rtol=0, atol=0)
+    torch.testing.assert_close(some.heads_per_position, full.heads_per_position, rtol=0, atol=0)
+    with pytest.raises(InvalidArgumentError, match="components"):
+        attnfx.relevance(im, inputs, 3, components=("neurons",))
