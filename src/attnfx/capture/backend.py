@@ -74,7 +74,8 @@ class Backend:
         layered = [(site_info.layer, site) for site_info, site in zip(info.sites, found)]
         user_inputs = ctx.owner._user_inputs(gm, example_inputs, set(state.values()))
         done = passes.rewrite(gm, layered, spec, state, ctx.owner._final_norm_input(gm), user_inputs,
-                              lower=ctx.owner._lower or _relevance_on_cuda(spec, example_inputs))
+                              lower=ctx.owner._lower or _relevance_on_cuda(spec, example_inputs),
+                              rule_ops=self.mode != "inductor")
         if done.notes:
             warnings.warn("attnfx lower=True: " + "; ".join(done.notes), LoweringWarning, stacklevel=2)
         counters["attnfx"]["graphs_compiled"] += 1

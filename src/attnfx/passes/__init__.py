@@ -23,7 +23,8 @@ class Rewritten:
 
 
 def rewrite(gm: GraphModule, sites: list[tuple[int, AttentionSite]], spec: Spec, state: dict[str, Node],
-            final_norm_input: Node | None, user_inputs: set[Node], *, lower: bool = False) -> Rewritten:
+            final_norm_input: Node | None, user_inputs: set[Node], *, lower: bool = False,
+            rule_ops: bool = True) -> Rewritten:
     """steer → record → probe → lower → lrp, then one lint and recompile."""
     found = [site for _, site in sites]
     blocks = find_blocks(gm.graph, found, user_inputs) if spec.touches() else None
@@ -38,7 +39,7 @@ def rewrite(gm: GraphModule, sites: list[tuple[int, AttentionSite]], spec: Spec,
         output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
         model_outputs = [a for a in output.args[0][:len(output.args[0]) - len(out.record_keys)] if isinstance(a, Node)]
         plan = lrp_plan.plan(gm.graph, _activation_sources(gm, user_inputs), found, spec.rule, model_outputs)
-        lrp.apply(gm, plan, spec.rule)
+        lrp.apply(gm, plan, spec.rule, rule_ops=rule_ops)
         out.leaks = plan.leaks
     gm.graph.lint()
     gm.recompile()

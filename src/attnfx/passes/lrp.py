@@ -29,11 +29,13 @@ ATTENTION_GRAD = (0.25, 0.25, 0.5)      # q, k, v: uniform rule on QKᵀ (½) an
 _QKV = ("query", "key", "value")
 
 
-def apply(gm: GraphModule, plan: Plan, rule: str) -> int:
-    """Rewrite the graph per the plan; returns the number of rewrites."""
+def apply(gm: GraphModule, plan: Plan, rule: str, *, rule_ops: bool = True) -> int:
+    """Rewrite the graph per the plan; returns the number of rewrites. rule_ops=False writes the
+    activation and norm rules as plain torch ops instead of attnfx's rule ops, so that Inductor
+    can fuse them and recompute them in the backward rather than save what an opaque op returns."""
     g = gm.graph
     for norm in plan.norms:
-        _norm(g, norm)
+        _norm(g, norm) if rule_ops or not norm.fused else _norm_in_torch(g, norm)
     for node in plan.sdpa:
         _attention(g, node, rule)
     for node, index in plan.cp_detach:
@@ -43,6 +45,9 @@ def apply(gm: GraphModule, plan: Plan, rule: str) -> int:
         for index in indices:
             _replace_operand(g, node, index, lambda x: _scaled_grad(g, x, 0.5))
     for node, kind in plan.activations:
+        if not rule_ops:
+            _identity_region(g, node.args[0], node)
+            continue
         with g.inserting_before(node):
             new = call(g, torch.ops.attnfx.lrp_act.default, node.args[0], kind, LRP_EPS)
         _swap(g, node, new)
@@ -90,6 +95,28 @@ def _norm(g, norm) -> None:
         else:
             new = call(g, torch.ops.attnfx.lrp_rms_norm.default, norm.input, norm.weight, norm.eps)
     _swap(g, norm.output, new)
+
+
+def _norm_in_torch(g, norm) -> None:
+    """The fused norm's value, with the gradient of (x − mean x) / σ̄ · γ (σ̄ detached; no mean for RMS)."""
+    out = norm.output
+    users = list(out.users)
+    dtype = example_value(out).dtype
+    wide = torch.promote_types(dtype, torch.float32)
+    with g.inserting_before(out.next):
+        x = call(g, "to", norm.input, wide)
+        if norm.kind == "layer_norm":
+            x = call(g, operator.sub, x, call(g, "mean", x, -1, keepdim=True))
+        power = call(g, "mean", call(g, operator.mul, x, x), -1, keepdim=True)
+        sigma = call(g, "detach", call(g, torch.sqrt, call(g, operator.add, power, norm.eps)))
+        lin = call(g, operator.truediv, x, sigma)
+        if norm.weight is not None:
+            lin = call(g, operator.mul, lin, call(g, "to", norm.weight, wide))
+        delta = call(g, operator.sub, lin, call(g, "detach", lin))
+        new = call(g, operator.add, call(g, "detach", out), call(g, "to", delta, dtype))
+    for user in users:
+        user.replace_input_with(out, new)
+    new.meta.update(out.meta)
 
 
 def _attention(g, node: Node, rule: str) -> None:
