@@ -66,6 +66,24 @@ def test_gradient_x_input_on_a_linear_model_is_the_exact_contribution():
     assert_close(relevance, exact.float())
     ig = integrated_gradients(model, inputs, _readout(r), baseline="zero", steps=1)   # linear: exact at 1 step
     assert_close(ig.tokens, exact.float())
+    assert_close(gradient_x_input(model, inputs, _readout(r), layer=model.embed), exact.float())
+
+
+def test_gradient_x_input_at_a_layer_output_is_taken_there():
+    model, inputs = _bert(), _inputs()
+    target = _mean_pool_cosine(torch.randn(32, dtype=F64))
+    word = gradient_x_input(model, inputs, target)
+    assert_close(gradient_x_input(model, inputs, target, layer=model.get_input_embeddings()), word)
+    h0 = model.embeddings(input_ids=inputs["input_ids"]).detach().requires_grad_(True)     # the first block's input
+    model.embeddings.forward = lambda *args, **kwargs: h0          # an instance attribute, deleted below
+    try:
+        f = target(model(**inputs), inputs["attention_mask"])
+    finally:
+        del model.embeddings.forward
+    (grad,) = torch.autograd.grad(f.sum(), h0)
+    assert_close(gradient_x_input(model, inputs, target, layer=model.embeddings), (h0 * grad).sum(-1).detach().float())
+    with pytest.raises(ShapeMismatchError):
+        gradient_x_input(model, inputs, target, layer=model.encoder)        # outputs a ModelOutput, not a tensor
 
 
 def test_integrated_gradients_completeness_gap_shrinks_as_steps_squared():

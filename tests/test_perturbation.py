@@ -8,8 +8,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from _tol import assert_close
-from attnfx.analysis.perturbation import (Curves, mean_and_stderr, perturbation_curves, removable_mask,
-                                          removal_counts)
+from attnfx.analysis.perturbation import (Curves, leave_one_out, mean_and_stderr, perturbation_curves,
+                                          rank_correlation, removable_mask, removal_counts)
 from attnfx.errors import AttnfxError, InvalidArgumentError, ShapeMismatchError
 
 PAD, CLS, SEP, MASK = 0, 1, 2, 3
@@ -163,3 +163,17 @@ def test_bad_input_raises_typed_errors():
     with pytest.raises(ShapeMismatchError):
         Curves.cat([Curves(torch.tensor([0.0, 1.0]), *[torch.zeros(1, 2)] * 2, torch.ones(1)),
                     Curves(torch.tensor([0.0, 0.5, 1.0]), *[torch.zeros(1, 3)] * 2, torch.ones(1))])
+
+
+def test_leave_one_out_is_the_exact_single_token_effect_and_ranks_correlate():
+    ids, mask = _batch([5, 8, 1])
+    score, w = _additive(torch.randn(VOCAB))
+    effects = leave_one_out(score, ids, mask, special_ids=SPECIAL, mask_token_id=MASK, batch_size=3, progress=False)
+    removable = removable_mask(ids, mask, SPECIAL)
+    assert_close(effects[removable], w[ids][removable], dtype=torch.float64)
+    assert bool(torch.isnan(effects[~removable]).all())
+    rho = rank_correlation(w[ids], effects)
+    assert rho[:2].tolist() == pytest.approx([1.0, 1.0]) and torch.isnan(rho[2])      # 1 token: undefined
+    assert rank_correlation(-w[ids], effects)[:2].tolist() == pytest.approx([-1.0, -1.0])
+    with pytest.raises(ShapeMismatchError):
+        rank_correlation(w[ids][:, :-1], effects)

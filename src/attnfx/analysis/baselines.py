@@ -64,12 +64,33 @@ def scorer(model, target: Target) -> Callable[..., torch.Tensor]:
     return score
 
 
-def gradient_x_input(model, inputs: dict, target: Target) -> torch.Tensor:
-    """Gradient × Input at the word embeddings: R_j = Σ_d e_jd · ∂f/∂e_jd. [b, t] fp32."""
+def gradient_x_input(model, inputs: dict, target: Target, *, layer: torch.nn.Module | None = None) -> torch.Tensor:
+    """Gradient × Input: R_j = Σ_d a_jd · ∂f/∂a_jd with a = the word embeddings (layer=None) or the
+    output [b, t, d] of `layer` (e.g. model.embeddings: the first block's input). [b, t] fp32.
+
+    In BERT-style models the word embedding e_j enters a LayerNorm with the position and type
+    embeddings, s_j = e_j + p_j + t_j; LayerNorm is invariant to scaling s_j, so s_j·∂f/∂s_j = 0 and
+    the word-embedding form equals −(p_j + t_j)·∂f/∂e_j: a poor token relevance there."""
     ids, mask, rest = _unpack(model, inputs)
-    embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-    (grad,) = torch.autograd.grad(_score(model, target, embeds, mask, rest).sum(), embeds)
-    return (embeds * grad).sum(-1).detach().float()
+    if layer is None:
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(_score(model, target, embeds, mask, rest).sum(), embeds)
+        return (embeds * grad).sum(-1).detach().float()
+    captured = []
+
+    def hook(module, args, output):
+        if not isinstance(output, torch.Tensor) or output.shape[:2] != ids.shape:
+            raise ShapeMismatchError(f"layer must output a [batch, seq, d] tensor {tuple(ids.shape)}, got "
+                                     f"{type(output).__name__} {tuple(getattr(output, 'shape', ()))}")
+        captured.append(output.detach().requires_grad_(True))
+        return captured[-1]
+    handle = layer.register_forward_hook(hook)
+    try:
+        f = _score(model, target, model.get_input_embeddings()(ids), mask, rest)
+    finally:
+        handle.remove()
+    (grad,) = torch.autograd.grad(f.sum(), captured[0])
+    return (captured[0] * grad).sum(-1).detach().float()
 
 
 @dataclass(frozen=True)

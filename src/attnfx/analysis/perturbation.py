@@ -165,3 +165,42 @@ def perturbation_curves(score: Callable[..., torch.Tensor], input_ids: torch.Ten
     lerf = torch.tensor([[scores.get((i, f, False), scores[(i, f, True)]) for f in range(shape[1])]
                          for i in range(shape[0])], dtype=torch.float64)
     return Curves(fractions, morf.reshape(shape), lerf.reshape(shape), n.cpu())
+
+
+def leave_one_out(score: Callable[..., torch.Tensor], input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
+                  special_ids: Sequence[int], mask_token_id: int, batch_size: int = 64,
+                  progress: bool | None = None) -> torch.Tensor:
+    """Exact single-token effects f(x) − f(x with token j replaced by [MASK]) for every removable
+    token: [b, t] fp64, NaN where the token is not removable (the reference that per-token relevance
+    is rank-correlated with, beside the curves)."""
+    _check(input_ids, attention_mask, torch.zeros(input_ids.shape), "mask", mask_token_id, score,
+           torch.tensor([0.0, 1.0]))
+    removable = removable_mask(input_ids, attention_mask, special_ids)
+    jobs = removable.nonzero().tolist()                                      # (sentence, position) pairs
+    with torch.no_grad():
+        full = _score_chunk(score, input_ids, attention_mask, torch.zeros_like(removable), "mask", mask_token_id)
+    effects = torch.full(input_ids.shape, float("nan"), dtype=torch.float64)
+    bar = tqdm(range(0, len(jobs), batch_size), desc="leave-one-out", leave=False,
+               disable=None if progress is None else not progress)
+    for start in bar:
+        chunk = torch.tensor(jobs[start:start + batch_size], device=input_ids.device)   # [c, 2]
+        removed = torch.zeros((len(chunk), input_ids.shape[1]), dtype=torch.bool, device=input_ids.device)
+        removed[torch.arange(len(chunk)), chunk[:, 1]] = True
+        values = _score_chunk(score, input_ids[chunk[:, 0]], attention_mask[chunk[:, 0]], removed,
+                              "mask", mask_token_id)
+        effects[chunk[:, 0].cpu(), chunk[:, 1].cpu()] = full[chunk[:, 0].cpu()] - values
+    return effects
+
+
+def rank_correlation(relevance: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Spearman correlation per sentence between relevance and reference [b, t] over the positions
+    where reference is not NaN (ties ranked by position): [b] fp64, NaN with fewer than 2 positions."""
+    if relevance.shape != reference.shape:
+        raise ShapeMismatchError(f"relevance {tuple(relevance.shape)} and reference {tuple(reference.shape)} differ")
+    out = torch.full((relevance.shape[0],), float("nan"), dtype=torch.float64)
+    for i, (a, b) in enumerate(zip(relevance.double().cpu(), reference.double().cpu())):
+        valid = ~torch.isnan(b)
+        if int(valid.sum()) >= 2:
+            ranks = torch.stack([v[valid].argsort(stable=True).argsort().double() for v in (a, b)])
+            out[i] = torch.corrcoef(ranks)[0, 1]
+    return out
