@@ -164,7 +164,7 @@ def perturbation_curves(score: Callable[..., torch.Tensor], input_ids: torch.Ten
                         dtype=torch.float64)
     lerf = torch.tensor([[scores.get((i, f, False), scores[(i, f, True)]) for f in range(shape[1])]
                          for i in range(shape[0])], dtype=torch.float64)
-    return Curves(fractions, morf.reshape(shape), lerf.reshape(shape), n.cpu())
+    return Curves(fractions, morf, lerf, n.cpu())
 
 
 def leave_one_out(score: Callable[..., torch.Tensor], input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
