@@ -1,1 +1,2 @@
-"""Analyses built on the instrumented graph: head attribution (DLA), later relevance and patching."""
+"""Analyses: head attribution (DLA) on the instrumented graph; perturbation curves / ABPC and plain-torch
+token-attribution baselines (Gradient×Input, Integrated Gradients, attention rollout) to evaluate relevance."""
