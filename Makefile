@@ -30,6 +30,8 @@ test-gpu: $(STAMP)   # on a CUDA machine: the compiled-Triton, bf16 and CUDA-op 
 bench: $(STAMP)
 	$(PY) bench/steering.py
 	$(PY) bench/kernels.py
+	$(PY) bench/relevance.py
+	$(PY) bench/faithfulness.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info demo-out .pytest_cache .hypothesis

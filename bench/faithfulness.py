@@ -16,7 +16,10 @@ Corpus: the sentences of the Python Language Reference that CPython ships (pydoc
 8–40 tokens, extracted by _corpus.py and committed as faithfulness_sentences.txt (413 sentences).
 
 Methods (token relevance at the word-embedding output, summed over d_model):
-attnlrp, cp-lrp (attnfx.relevance; skipped, and recorded as not run, while it does not exist),
+attnlrp, cp-lrp (attnfx.relevance, with the target's normalisation held constant — LRP's identity
+rule on a normaliser, as for LayerNorm's σ: a cosine is scale-invariant, so y · ∂cos/∂y = 0 and
+LRP would otherwise start from no relevance at all); attnlrp_cosine_grad_init (the same AttnLRP
+started from the plain gradient of the cosine: the diagnostic that showed this);
 Gradient×Input, Integrated Gradients ([PAD]-embedding baseline at every non-special position,
 [CLS]/[SEP] kept; IG_STEPS midpoint steps; completeness gap reported), attention rollout (mean
 over the real query rows: the rows the mean-pooled embedding averages) and random (seeded). One
@@ -67,20 +70,29 @@ def make_target(model, tokenizer):
 
     def target(outputs, attention_mask):
         return F.cosine_similarity(_minilm.mean_pool(outputs.last_hidden_state, attention_mask), reference, dim=-1)
+
+    def target_norm_detached(outputs, attention_mask):
+        """The same value, with the embedding's norm held constant: LRP's identity rule on a
+        normaliser (as for LayerNorm's σ). A cosine is scale-invariant, so gradient × input of it
+        sums to 0 and LRP would start from no relevance at all; this starts from f(x)."""
+        pooled = _minilm.mean_pool(outputs.last_hidden_state, attention_mask)
+        return (pooled @ F.normalize(reference, dim=-1)) / pooled.norm(dim=-1).detach()
+    target.norm_detached = target_norm_detached
     return target
 
 
-def attnfx_method(rule: str, target):
+def attnfx_method(rule: str, target, norm_detached: bool = True):
     """attnfx.relevance(...).tokens with rule=rule, on its own instrumented copy of MiniLM."""
     import attnfx
 
     if not hasattr(attnfx, "relevance"):
         raise Unavailable("attnfx.relevance does not exist in this checkout yet (issue 5 core, being built in main)")
     im = attnfx.instrument(_minilm.load_minilm()[0])
+    fn = target.norm_detached if norm_detached else target
 
     def method(inputs):
         mask = inputs["attention_mask"]
-        return attnfx.relevance(im, inputs, lambda out: target(out, mask), rule=rule).tokens.float()
+        return attnfx.relevance(im, inputs, lambda out: fn(out, mask), rule=rule).tokens.float()
     return method
 
 
@@ -94,12 +106,13 @@ def methods(model, eager, target, special_ids, ig_steps):
     ig.gaps = []
     seeds = itertools.count(SEED)                  # a fresh seed per call: batches of one shape differ
     found = {}
-    for rule in ("attnlrp", "cp-lrp"):
+    for name, rule, detached in (("attnlrp", "attnlrp", True), ("cp-lrp", "cp-lrp", True),
+                                 ("attnlrp_cosine_grad_init", "attnlrp", False)):
         try:
-            found[rule] = attnfx_method(rule, target)
+            found[name] = attnfx_method(rule, target, detached)
         except Unavailable as why:
-            print(f"[faithfulness] {rule}: not run: {why}")
-            found[rule] = why
+            print(f"[faithfulness] {name}: not run: {why}")
+            found[name] = why
     return found | {"gradient_x_input": lambda inputs: B.gradient_x_input(model, inputs, target),
                     "gradient_x_input_post_ln": lambda inputs: B.gradient_x_input(model, inputs, target,
                                                                                   layer=model.embeddings),
