@@ -243,3 +243,22 @@ def test_components_limit_the_work():
     torch.testing.assert_close(some.heads_per_position, full.heads_per_position, rtol=0, atol=0)
     with pytest.raises(InvalidArgumentError, match="components"):
         attnfx.relevance(im, inputs, 3, components=("neurons",))
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_moe_routing_gets_the_uniform_rule_and_a_constant_normaliser(rule):
+    """Mixtral: router softmax → top-k renormalised (the divisor held constant) → per-expert
+    grouped matmuls → routing weight × expert output (uniform rule); no op without a rule."""
+    import transformers as T
+
+    config = T.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                             num_experts_per_tok=2, max_position_embeddings=64, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = T.MixtralForCausalLM(config).eval().double()
+    ids = torch.randint(1, 60, (2, 6), generator=torch.Generator().manual_seed(1))
+    want = explicit_relevance(model, {"input_ids": ids}, _target("mixtral"), rule)
+    im = attnfx.instrument(model)
+    got = attnfx.relevance(im, {"input_ids": ids}, _target("mixtral"), rule=rule, check=True)
+    for name, value in (("tokens", got.tokens), ("heads", got.heads_per_position), ("resid", got.residual)):
+        _close(value, want[name])

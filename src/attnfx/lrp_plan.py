@@ -5,7 +5,8 @@ Relevance flows along *activations*: nodes computed from the token embeddings or
 input. Parameters, buffers, runtime state, masks and positions are constants. Of the activation
 nodes on a path to an output (live), each is:
 
-* a norm (LayerNorm / RMSNorm)                  → σ held constant
+* a norm (LayerNorm / RMSNorm), or a division by → σ (the divisor) held constant; MoE routing
+  an activation (x / Σ x)                          weights renormalised over the top-k are this
 * an SDPA call                                  → q, k ¼ and v ½ of their gradient (CP-LRP: q, k
                                                   detached); a hand-written attention needs no
                                                   entry: its two matmuls are products
@@ -33,9 +34,13 @@ from .ops import attention as _registers_the_op  # noqa: F401  (torch.ops.attnfx
 from .sites import AttentionSite, _is_call, _is_view_like
 
 _SDPA = (F.scaled_dot_product_attention,)
-_PRODUCTS_FN = {operator.mul, torch.mul, torch.matmul, operator.matmul, torch.bmm, torch.einsum, torch.baddbmm}
-_PRODUCTS_METHODS = {"mul", "matmul", "bmm", "__mul__", "__rmul__", "__matmul__"}
-_LINEAR_FN = {operator.add, operator.sub, operator.neg, operator.truediv, operator.getitem, torch.add, torch.sub,
+_PRODUCTS_FN = {operator.mul, operator.imul, torch.mul, torch.matmul, operator.matmul, torch.bmm, torch.einsum,
+                torch.baddbmm}
+_PRODUCTS_METHODS = {"mul", "mul_", "matmul", "bmm", "__mul__", "__rmul__", "__matmul__", "__imul__"}
+_DIVISIONS_FN = {operator.truediv, operator.itruediv, torch.div, torch.true_divide}
+_DIVISIONS_METHODS = {"div", "div_", "__truediv__", "__itruediv__", "true_divide"}
+_LINEAR_FN = {operator.add, operator.sub, operator.neg, operator.iadd, operator.isub, torch.topk, torch.gather,
+              torch.index_select, torch.scatter_add, torch.index_add, operator.truediv, operator.getitem, torch.add, torch.sub,
               torch.neg, torch.div, torch.cat, torch.concat, torch.stack, torch.reshape, torch.transpose,
               torch.permute, torch.flatten, torch.unsqueeze, torch.squeeze, torch.chunk, torch.split, torch.mean,
               torch.sum, torch.repeat_interleave, F.linear, torch._C._nn.linear, torch.addmm, F.dropout,
@@ -45,7 +50,8 @@ _LINEAR_METHODS = {"add", "sub", "neg", "div", "view", "reshape", "transpose", "
                    "unsqueeze", "squeeze", "flatten", "chunk", "split", "clone", "repeat_interleave", "to",
                    "float", "half", "bfloat16", "double", "type", "mean", "sum", "masked_fill", "softmax",
                    "expand_as", "repeat", "__add__", "__radd__", "__sub__", "__rsub__", "__truediv__", "__neg__",
-                   "__getitem__", "type_as", "view_as", "reshape_as", "t", "narrow"}
+                   "__getitem__", "type_as", "view_as", "reshape_as", "t", "narrow", "topk", "gather",
+                   "index_select", "index_add", "index_add_", "scatter_add", "add_", "sub_", "__iadd__"}
 _NONLINEAR_FN = ACTIVATION_FNS | {torch.pow, torch.exp, torch.log, torch.sqrt, torch.rsqrt, torch.reciprocal}
 _NONLINEAR_METHODS = ACTIVATION_METHODS | {"pow", "exp", "log", "sqrt", "rsqrt", "reciprocal", "__pow__"}
 # Named activations with an lrp_act kernel: node → kind.
@@ -56,7 +62,8 @@ _NAMED = {F.silu: "silu", F.relu: "relu", torch.relu: "relu", torch.tanh: "tanh"
 class Plan:
     norms: list[Norm] = field(default_factory=list)
     sdpa: list[Node] = field(default_factory=list)              # SDPA / attnfx::attention nodes
-    cp_detach: list[tuple[Node, int]] = field(default_factory=list)   # (node, operand) detached (CP-LRP)
+    detach: list[tuple[Node, int]] = field(default_factory=list)   # (node, operand) held constant: CP-LRP's
+                                                                   # q, k; the divisor of a normalisation
     products: list[tuple[Node, tuple[int, ...]]] = field(default_factory=list)  # uniform rule operands
     activations: list[tuple[Node, str]] = field(default_factory=list)  # single named activations
     regions: list[tuple[Node, Node]] = field(default_factory=list)     # (root x, output y): identity rule
@@ -92,22 +99,29 @@ def _named_kind(node: Node) -> str | None:
     return None
 
 
+def _is_grouped_mm(node: Node) -> bool:
+    """A grouped (per-expert) matmul: torch._grouped_mm or a library's fallback of it."""
+    name = getattr(node.target, "__name__", "") if node.op == "call_function" else ""
+    return "grouped_mm" in name
+
+
 def _is_elementwise(node: Node) -> bool:
     return (_is_call(node, _NONLINEAR_FN, _NONLINEAR_METHODS) or _named_kind(node) is not None
             or _is_call(node, {operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, torch.add,
-                               torch.sub, torch.mul, torch.div, torch.neg, F.dropout},
+                               torch.sub, torch.mul, torch.div, torch.neg, F.dropout, operator.iadd, operator.isub,
+                               operator.imul, operator.itruediv},
                         {"add", "sub", "mul", "div", "neg", "to", "float", "half", "bfloat16", "double", "type",
                          "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__truediv__",
-                         "__neg__", "contiguous", "clone"}))
+                         "__neg__", "contiguous", "clone", "add_", "sub_", "mul_", "div_"}))
 
 
 def _is_nonlinear(node: Node, activation_operands: tuple[int, ...]) -> bool:
     """Nonlinear in its activation operands (x / activation, x · x and the functions above)."""
     if _is_call(node, _NONLINEAR_FN, _NONLINEAR_METHODS) or _named_kind(node) is not None:
         return True
-    if _is_call(node, (operator.truediv, torch.div), ("div", "__truediv__")):
+    if _is_call(node, _DIVISIONS_FN, _DIVISIONS_METHODS):
         return 1 in activation_operands
-    return _is_call(node, (operator.mul, torch.mul), ("mul", "__mul__", "__rmul__")) and len(activation_operands) > 1
+    return _is_call(node, _PRODUCTS_FN, _PRODUCTS_METHODS) and len(activation_operands) > 1
 
 
 def plan(graph: Graph, sources: set[Node], sites: list[AttentionSite], rule: str,
@@ -120,8 +134,8 @@ def plan(graph: Graph, sources: set[Node], sites: list[AttentionSite], rule: str
     if rule == "cp-lrp":
         for site in sites:
             if site.pattern != "sdpa_call":
-                result.cp_detach += [(site.q_user, 0), (site.q_user, 1)]
-    detached = {(n, i) for n, i in result.cp_detach}
+                result.detach += [(site.q_user, 0), (site.q_user, 1)]
+    detached = {(n, i) for n, i in result.detach}
     tainted = _taint(graph, sources, stops, detached, rule)
     live = _liveness(graph, tainted, stops, outputs)
     result.live = live
@@ -134,18 +148,21 @@ def plan(graph: Graph, sources: set[Node], sites: list[AttentionSite], rule: str
         if node not in live or node.op != "call_function" and node.op != "call_method":
             continue
         operands = [(i, a) for i, a in _node_args(node) if a in tainted and (node, i) not in detached]
+        if _is_call(node, _DIVISIONS_FN, _DIVISIONS_METHODS) and any(i == 1 for i, _ in operands):
+            result.detach.append((node, 1))                 # x / (a normaliser of activations): held constant
+            operands = [(i, a) for i, a in operands if i != 1]
         operand_index[node] = tuple(i for i, _ in operands)
         if node in fused_norm_nodes:
             continue
         if _is_call(node, _SDPA) or node.target is torch.ops.attnfx.attention.default:
             result.sdpa.append(node)
             if rule == "cp-lrp":
-                result.cp_detach += [(node, 0), (node, 1)]
+                result.detach += [(node, 0), (node, 1)]
             continue
         if _is_elementwise(node):
             _elementwise(node, operands, roots, region_of, result)
             continue
-        if _is_call(node, _PRODUCTS_FN, _PRODUCTS_METHODS):
+        if _is_call(node, _PRODUCTS_FN, _PRODUCTS_METHODS) or _is_grouped_mm(node):
             if len(operands) > 1:                       # else linear in its one activation operand
                 result.products.append((node, tuple(i for i, _ in operands)))
         elif not (_is_call(node, _LINEAR_FN, _LINEAR_METHODS) or _is_view_like(node)):
@@ -160,7 +177,7 @@ def _elementwise(node: Node, operands, roots: dict, region_of: dict, result: Pla
     (a + b) starts a root of its own, as does a product."""
     operand_roots = [roots.get(a, frozenset([a])) for _, a in operands]
     union = frozenset().union(*operand_roots)
-    is_mul = _is_call(node, (operator.mul, torch.mul), ("mul", "__mul__", "__rmul__"))
+    is_mul = _is_call(node, (operator.mul, operator.imul, torch.mul), ("mul", "mul_", "__mul__", "__rmul__", "__imul__"))
     if is_mul and len(operands) > 1 and all(r.isdisjoint(t) for k, r in enumerate(operand_roots)
                                             for t in operand_roots[k + 1:]):
         result.products.append((node, tuple(i for i, _ in operands)))

@@ -27,7 +27,8 @@ from ..sites import _VIEW_FUNCTIONS, _VIEW_METHODS, find_sites
 from ..norms import PASS_METHODS
 
 EPS = 1e-12
-_MOVE_FNS = _VIEW_FUNCTIONS | {operator.getitem, torch.cat, torch.concat, torch.stack, F.dropout, torch.clone}
+_MOVE_FNS = _VIEW_FUNCTIONS | {operator.getitem, torch.cat, torch.concat, torch.stack, F.dropout, torch.clone,
+                               torch.topk, torch.sort}
 _MOVE_METHODS = _VIEW_METHODS | PASS_METHODS | {"expand_as", "repeat", "view_as", "reshape_as", "type_as", "t"}
 
 
@@ -103,10 +104,16 @@ class _Tap(torch.autograd.Function):
         return relevance, None, None
 
 
+_OUT_OF_PLACE = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+                 operator.itruediv: operator.truediv}
+
+
 def _call(node: Node, args, kwargs):
+    """The node's op, out of place (relevance must not be written into a tensor autograd saved)."""
     if node.op == "call_method":
-        return getattr(args[0], node.target)(*args[1:], **kwargs)
-    return node.target(*args, **kwargs)
+        name = node.target[:-1] if node.target.endswith("_") and not node.target.startswith("__") else node.target
+        return getattr(args[0], name)(*args[1:], **kwargs)
+    return _OUT_OF_PLACE.get(node.target, node.target)(*args, **kwargs)
 
 
 def _tensor_slots(args, kwargs):
@@ -146,7 +153,7 @@ class _ExplicitRun(Interpreter):
         self.products = dict(plan.products)
         self.activations = {node for node, _ in plan.activations}
         self.region_out = {out: root for root, out in plan.regions}
-        self.detached = set(plan.cp_detach)
+        self.detached = set(plan.detach)
         self.norms = {n.output: n for n in plan.norms if n.fused}
         self.stops = {n.scale for n in plan.norms if n.scale is not None}
         self.roots = {root: None for root, _ in plan.regions} | {n.args[0]: None for n, _ in plan.activations}

@@ -38,7 +38,7 @@ def apply(gm: GraphModule, plan: Plan, rule: str, *, rule_ops: bool = True) -> i
         _norm(g, norm) if rule_ops or not norm.fused else _norm_in_torch(g, norm)
     for node in plan.sdpa:
         _attention(g, node, rule)
-    for node, index in plan.cp_detach:
+    for node, index in plan.detach:                 # CP-LRP's q, k of hand-written attention; divisors
         if node not in plan.sdpa:
             _replace_operand(g, node, index, lambda x: call(g, "detach", x))
     for node, indices in plan.products:
