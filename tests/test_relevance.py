@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._dynamo.utils import counters
 
 import attnfx
 from _tol import TOL
@@ -128,7 +129,11 @@ def test_head_relevance_sums_to_the_attention_output_without_o_bias():
     """Σ_h z_h ⊙ g_h = (Σ_h W_O,h z_h) · g = attn_out · g when o_proj has no bias."""
     model = build(FAMILIES["llama"], layers=2, heads=4, kv_heads=2, head_dim=8).double()
     im = attnfx.instrument(model)
+    before = dict(counters["attnfx"])
     rel = attnfx.relevance(im, {"input_ids": torch.randint(1, 60, (2, 6))}, 3)
+    # one graph: 5 component kinds gated (tokens once, 4 per layer); rules: 5 RMSNorms, 2 SDPA, 2 SiLU, 2 gate·up
+    assert counters["attnfx"]["components_probed"] - before.get("components_probed", 0) == 1 + 4 * 2
+    assert counters["attnfx"]["lrp_rewrites"] - before.get("lrp_rewrites", 0) == 5 + 2 + 2 + 2
     _close(rel.heads_per_position.sum(-1), rel.attn, rel=1e-10)
 
 

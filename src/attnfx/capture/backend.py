@@ -81,6 +81,8 @@ class Backend:
         counters["attnfx"]["graphs_compiled"] += 1
         counters["attnfx"]["sites_rewritten"] += len(found)
         counters["attnfx"]["sites_lowered"] += len(done.lowered)
+        counters["attnfx"]["components_probed"] += sum(len(layers) for layers in done.probed.values())
+        counters["attnfx"]["lrp_rewrites"] += done.lrp_rewrites
         return Runner(self._compile(gm, example_inputs), info, num_outputs, done.record_keys, done.probed,
                       done.leaks)
 

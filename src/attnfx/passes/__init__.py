@@ -20,6 +20,7 @@ class Rewritten:
     notes: list = field(default_factory=list)          # sites the lower pass kept, and why
     probed: dict = field(default_factory=dict)         # probe kind → layers gated (-1: tokens)
     leaks: list = field(default_factory=list)          # live ops the lrp pass has no rule for
+    lrp_rewrites: int = 0
 
 
 def rewrite(gm: GraphModule, sites: list[tuple[int, AttentionSite]], spec: Spec, state: dict[str, Node],
@@ -39,7 +40,7 @@ def rewrite(gm: GraphModule, sites: list[tuple[int, AttentionSite]], spec: Spec,
         output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
         model_outputs = [a for a in output.args[0][:len(output.args[0]) - len(out.record_keys)] if isinstance(a, Node)]
         plan = lrp_plan.plan(gm.graph, _activation_sources(gm, user_inputs), found, spec.rule, model_outputs)
-        lrp.apply(gm, plan, spec.rule, rule_ops=rule_ops)
+        out.lrp_rewrites = lrp.apply(gm, plan, spec.rule, rule_ops=rule_ops)
         out.leaks = plan.leaks
     gm.graph.lint()
     gm.recompile()
