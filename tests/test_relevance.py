@@ -267,3 +267,14 @@ def test_moe_routing_gets_the_uniform_rule_and_a_constant_normaliser(rule):
     got = attnfx.relevance(im, {"input_ids": ids}, _target("mixtral"), rule=rule, check=True)
     for name, value in (("tokens", got.tokens), ("heads", got.heads_per_position), ("resid", got.residual)):
         _close(value, want[name])
+
+
+def test_repeated_relevance_compiles_once():
+    model = build(FAMILIES["qwen2"], layers=2, heads=4, kv_heads=2, head_dim=8)
+    im = attnfx.instrument(model, backend="aot_eager")
+    inputs = [{"input_ids": torch.randint(1, 60, (2, 7))} for _ in range(3)]
+    attnfx.relevance(im, inputs[0], 3)
+    before = counters["attnfx"]["graphs_compiled"]
+    for x in inputs[1:]:
+        attnfx.relevance(im, x, 5, rule="attnlrp")
+    assert counters["attnfx"]["graphs_compiled"] == before
