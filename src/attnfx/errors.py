@@ -54,5 +54,9 @@ class InvalidArgumentError(AttnfxError, ValueError):
     """An option outside its accepted values (backend name, record kind, steering target...)."""
 
 
+class BackendUnavailableError(AttnfxError, RuntimeError):
+    """An op was forced onto an implementation it lacks or that cannot run here (attnfx.backends)."""
+
+
 class LoweringWarning(UserWarning):
     """instrument(lower=True) kept SDPA at some sites (named in the message)."""
