@@ -36,9 +36,9 @@ def norm_backward_reference(grad, x, weight, eps: float, centre: bool):
     gw = g if weight is None else g * weight.to(acc)
     if centre:
         gw = gw - gw.mean(-1, keepdim=True)
-    lead = tuple(range(x.dim() - 1))
     w_dtype = x.dtype if weight is None else weight.dtype
-    return ((gw / scale).to(x.dtype), (g * centred / scale).sum(lead).to(w_dtype), g.sum(lead).to(w_dtype))
+    column_sum = lambda t: t.reshape(-1, x.shape[-1]).sum(0).to(w_dtype)    # noqa: E731  (.sum(()) sums all)
+    return (gw / scale).to(x.dtype), column_sum(g * centred / scale), column_sum(g)
 
 
 def check_norm(x, weight, grad=None) -> None:

@@ -25,7 +25,7 @@ backends.register("head_contrib", {"cpp", "reference"})
 
 
 def readout_reference(z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    return torch.einsum("bthd,hdk->bthk", z.float(), u.float())
+    return torch.einsum("bthd,hdk->bthk", z.float(), u.float()).contiguous()
 
 
 def contrib_reference(z: torch.Tensor, w_o: torch.Tensor, heads: Sequence[int],
@@ -34,7 +34,7 @@ def contrib_reference(z: torch.Tensor, w_o: torch.Tensor, heads: Sequence[int],
     pos = list(range(t)) if positions is None else list(positions)
     picked = z.float()[:, pos][:, :, list(heads)]                      # [b, P, n, d]
     blocks = w_o.float().view(-1, H, d)[:, list(heads)]                # [d_model, n, d]
-    return torch.einsum("bpnd,mnd->bpnm", picked, blocks).to(z.dtype)
+    return torch.einsum("bpnd,mnd->bpnm", picked, blocks).to(z.dtype).contiguous()
 
 
 def _check_floating(**tensors) -> None:
