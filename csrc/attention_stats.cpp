@@ -25,6 +25,8 @@ int64_t check_attention_stats(const Tensor& q, const Tensor& k, const std::optio
   check_floating(q, op, "q");
   check_floating(k, op, "k");
   check_same_device(q, k, op, "k");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type(), op, ": expected k of q's dtype ", q.scalar_type(), ", received ",
+              k.scalar_type());
   TORCH_CHECK(k.size(0) == q.size(0) && k.size(3) == q.size(3) && k.size(1) > 0 && q.size(1) % k.size(1) == 0, op,
               ": expected k [b, Hkv, S, d] with q's b and d and H a multiple of Hkv, received q ", q.sizes(),
               " and k ", k.sizes());

@@ -132,6 +132,5 @@ def test_cuda_kernel_matches_the_reference_and_triton(dtype, causal):
     assert_matches(lse, want_lse)
     assert_matches(mass, want_mass)
     t_lse, t_mass = run_with("triton", stats_op, *args)
-X
-    torch.testing.assert_close(lse, t_lse, atol=tol, rtol=tol)
-    torch.testing.assert_close(mass, t_mass, atol=tol, rtol=tol)
+    torch.testing.assert_close(lse, t_lse, atol=1e-4, rtol=1e-4)      # as on CPU: Triton's exp2 path
+    torch.testing.assert_close(mass, t_mass, atol=1e-4, rtol=1e-4)

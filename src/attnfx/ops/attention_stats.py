@@ -46,9 +46,8 @@ def check_stats(q, k, key_mask, spans) -> None:
             or k.shape[1] == 0 or q.shape[1] % k.shape[1]:
         raise ShapeMismatchError(f"expected q [b, H, T, d] and k [b, Hkv, S, d] with H a multiple of Hkv; got q "
                                  f"{tuple(q.shape)}, k {tuple(k.shape)}")
-    for name, t in (("q", q), ("k", k)):
-        if not t.is_floating_point():
-            raise DTypeMismatchError(f"{name} must have a floating dtype, got {t.dtype}")
+    if not q.is_floating_point() or k.dtype != q.dtype:
+        raise DTypeMismatchError(f"q and k must share one floating dtype, got {q.dtype} and {k.dtype}")
     if k.device != q.device or (key_mask is not None and key_mask.device != q.device):
         raise DeviceMismatchError(f"k and key_mask must be on q's device {q.device}")
     if key_mask is not None and (key_mask.dtype != torch.bool or tuple(key_mask.shape) != (q.shape[0], k.shape[2])):

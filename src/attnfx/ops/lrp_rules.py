@@ -1,16 +1,22 @@
-"""`attnfx::lrp_layer_norm` and `attnfx::lrp_rms_norm`: normalisations whose backward holds the
-normaliser constant — AttnLRP's identity rule on σ (Achtibat et al. 2024, §3.3; DESIGN §3).
+"""AttnLRP's rules as local Jacobians (Achtibat et al. 2024, "AttnLRP"; DESIGN §3), as torch.library
+ops whose forwards equal torch's and whose backwards are the rules. Each backward is an op of its
+own (the graph pass and AOT autograd see one node). Implementations: "cpp" (attnfx._C: the
+forwards call ATen, the backwards are one fused pass; CPU and CUDA) and "reference".
 
+    y = torch.ops.attnfx.lrp_act(x, act, eps)            # = F.gelu(x) etc., bit for bit
+        grad_x = grad_y · f(x) / (x + eps·sign(x)),  sign(0) = +1           (identity rule)
     y = torch.ops.attnfx.lrp_layer_norm(x, weight, bias, eps)   # = F.layer_norm over the last dim
-        σ = √(var_biased(x) + eps),  x̂ = (x − mean(x)) / σ
-        grad_x = (g·w − mean_last(g·w)) / σ,  grad_w = Σ g·x̂,  grad_b = Σ g
-    y = torch.ops.attnfx.lrp_rms_norm(x, weight, eps)           # = F.rms_norm over the last dim
-        rms = √(mean(x²) + eps),  grad_x = g·w / rms,  grad_w = Σ g·x / rms
+        σ = √(var_biased(x) + eps) constant:  grad_x = (g·w − mean_last(g·w)) / σ,
+        grad_w = Σ g·x̂,  grad_b = Σ g
+    y = torch.ops.attnfx.lrp_rms_norm(x, weight, eps)            # = F.rms_norm over the last dim
+        rms = √(mean(x²) + eps) constant:  grad_x = g·w / rms,  grad_w = Σ g·x / rms
 
-(Σ over every leading dim.) The backwards are ops of their own, `attnfx::lrp_layer_norm_backward`
-and `attnfx::lrp_rms_norm_backward(grad, x, weight, eps)`; grad_w (and grad_b) come in weight's
-dtype, or x's when weight is None. Implementations: "cpp" (attnfx._C: forwards call ATen,
-backwards are one fused pass over rows; CPU and CUDA) and "reference".
+Backward ops: `lrp_act_backward(grad, x, act, eps)` (recomputes f(x) in fp32: only x is saved),
+`lrp_layer_norm_backward(grad, x, weight, eps) -> (grad_x, grad_weight, grad_bias)` and
+`lrp_rms_norm_backward(grad, x, weight, eps) -> (grad_x, grad_weight)`; Σ runs over every leading
+dim, grad_w and grad_b come in weight's dtype (x's when weight is None). The identity rule makes
+Gradient × Input conserve relevance: x·grad_x = f(x)·grad_y (up to ε), and Σ x·grad_x = Σ y·grad_y
+through a norm without bias.
 """
 from __future__ import annotations
 
@@ -20,15 +26,100 @@ import torch
 import torch.nn.functional as F
 
 from .. import backends
-from ..errors import DeviceMismatchError, DTypeMismatchError, ShapeMismatchError
+from ..errors import DeviceMismatchError, DTypeMismatchError, InvalidArgumentError, ShapeMismatchError
 from . import _cpp
+
+# ---- lrp_act --------------------------------------------------------------------------------------
+
+ACTIVATIONS = {
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "silu": F.silu,
+    "tanh": torch.tanh,
+    "relu": F.relu,
+}
+backends.register("lrp_act", {"cpp", "reference"}, cpp_ops=("lrp_act", "lrp_act_backward"))
+
+
+def stabilize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x + ε·sign(x) with sign(0) = +1: never 0 for ε > 0, and never flips x's sign."""
+    return x + eps * torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+
+
+def act_backward_reference(grad: torch.Tensor, x: torch.Tensor, act: str, eps: float) -> torch.Tensor:
+    acc = torch.promote_types(x.dtype, torch.float32)
+    xf = x.to(acc)
+    return (grad.to(acc) * (ACTIVATIONS[act](xf) / stabilize(xf, eps))).to(x.dtype).contiguous()
+
+
+def check_act(x: torch.Tensor, act: str) -> None:
+    if act not in ACTIVATIONS:
+        raise InvalidArgumentError(f"act must be one of {sorted(ACTIVATIONS)}, got {act!r}")
+    if not x.is_floating_point():
+        raise DTypeMismatchError(f"x must have a floating dtype, got {x.dtype}")
+
+
+@torch.library.custom_op("attnfx::lrp_act", mutates_args=(), schema="(Tensor x, str act, float eps) -> Tensor")
+def lrp_act(x: torch.Tensor, act: str, eps: float) -> torch.Tensor:
+    check_act(x, act)
+    if backends.choose("lrp_act", x.device) == "cpp":
+        return _cpp.ops().lrp_act(x, act, eps)
+    return ACTIVATIONS[act](x)
+
+
+@lrp_act.register_fake
+def _act_fake(x, act, eps):
+    check_act(x, act)
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("attnfx::lrp_act_backward", mutates_args=(),
+                         schema="(Tensor grad, Tensor x, str act, float eps) -> Tensor")
+def lrp_act_backward(grad: torch.Tensor, x: torch.Tensor, act: str, eps: float) -> torch.Tensor:
+    check_act_backward(grad, x, act)
+    if backends.choose("lrp_act", x.device) == "cpp":
+        return _cpp.ops().lrp_act_backward(grad, x, act, eps)
+    return act_backward_reference(grad, x, act, eps)
+
+
+def check_act_backward(grad, x, act) -> None:
+    check_act(x, act)
+    if grad.shape != x.shape or grad.dtype != x.dtype or grad.device != x.device:
+        raise ShapeMismatchError(f"grad must match x ({list(x.shape)}, {x.dtype}, {x.device}), got "
+                                 f"{list(grad.shape)}, {grad.dtype}, {grad.device}")
+
+
+@lrp_act_backward.register_fake
+def _act_backward_fake(grad, x, act, eps):
+    check_act_backward(grad, x, act)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _act_setup(ctx, inputs, output):
+    x, act, eps = inputs
+    ctx.save_for_backward(x)
+    ctx.act, ctx.eps = act, eps
+
+
+def _act_backward(ctx, grad):
+    (x,) = ctx.saved_tensors
+    return torch.ops.attnfx.lrp_act_backward(grad, x, ctx.act, ctx.eps), None, None
+
+
+lrp_act.register_autograd(_act_backward, setup_context=_act_setup)
+_cpp.register_fake("lrp_act", _act_fake)
+_cpp.register_fake("lrp_act_backward", _act_backward_fake)
+
+
+# ---- LayerNorm and RMSNorm: helpers --------------------------------------------------------------
 
 backends.register("lrp_layer_norm", {"cpp", "reference"}, cpp_ops=("lrp_layer_norm", "lrp_layer_norm_backward"))
 backends.register("lrp_rms_norm", {"cpp", "reference"}, cpp_ops=("lrp_rms_norm", "lrp_rms_norm_backward"))
 
 
-def norm_backward_reference(grad, x, weight, eps: float, centre: bool):
-    """(grad_x, grad_w, grad_b) of LayerNorm (centre) or RMSNorm with the normaliser detached."""
+def norm_backward_reference(grad, x, weight, eps: float, kind: str):
+    """(grad_x, grad_w, grad_b) of kind "layer_norm" or "rms_norm" with the normaliser held constant."""
+    centre = kind == "layer_norm"
     acc = torch.promote_types(x.dtype, torch.float32)
     xf, g = x.to(acc), grad.to(acc)
     centred = xf - xf.mean(-1, keepdim=True) if centre else xf
@@ -86,7 +177,7 @@ def lrp_layer_norm_backward(grad: torch.Tensor, x: torch.Tensor, weight: Optiona
     check_norm(x, weight, grad)
     if backends.choose("lrp_layer_norm", x.device) == "cpp":
         return _cpp.ops().lrp_layer_norm_backward(grad, x, weight, eps)
-    return tuple(t.contiguous() for t in norm_backward_reference(grad, x, weight, eps, centre=True))
+    return tuple(t.contiguous() for t in norm_backward_reference(grad, x, weight, eps, "layer_norm"))
 
 
 @lrp_layer_norm_backward.register_fake
@@ -134,7 +225,7 @@ def lrp_rms_norm_backward(grad: torch.Tensor, x: torch.Tensor, weight: Optional[
     check_norm(x, weight, grad)
     if backends.choose("lrp_rms_norm", x.device) == "cpp":
         return _cpp.ops().lrp_rms_norm_backward(grad, x, weight, eps)
-    grad_x, grad_w, _ = norm_backward_reference(grad, x, weight, eps, centre=False)
+    grad_x, grad_w, _ = norm_backward_reference(grad, x, weight, eps, "rms_norm")
     return grad_x.contiguous(), grad_w
 
 
