@@ -20,11 +20,7 @@ namespace attnfx {
 int64_t check_attention_stats(const Tensor& q, const Tensor& k, const std::optional<Tensor>& key_mask,
                               const std::optional<Tensor>& spans) {
   const char* op = "attention_stats";
-  check_dim(q, 4, op, "q", "[b, H, T, d]");
-  check_dim(k, 4, op, "k", "[b, Hkv, S, d]");
-  check_floating(q, op, "q");
-  check_floating(k, op, "k");
-  check_same_device(q, k, op, "k");
+  check_operands(op, {q, "q", 4, "[b, H, T, d]"}, {k, "k", 4, "[b, Hkv, S, d]"});
   TORCH_CHECK(k.scalar_type() == q.scalar_type(), op, ": expected k of q's dtype ", q.scalar_type(), ", received ",
               k.scalar_type());
   TORCH_CHECK(k.size(0) == q.size(0) && k.size(3) == q.size(3) && k.size(1) > 0 && q.size(1) % k.size(1) == 0, op,

@@ -23,9 +23,13 @@
 
 namespace attnfx {
 
-void check_lrp_norm(const Tensor& x, const std::optional<Tensor>& weight, const char* op) {
+void check_lrp_norm(const Tensor& x, const std::optional<Tensor>& weight, const char* op, const Tensor* grad) {
   check_floating(x, op, "x");
   TORCH_CHECK(x.dim() >= 1, op, ": expected x [..., d] (at least 1 dim), received a scalar");
+  if (grad != nullptr) {
+    TORCH_CHECK(grad->sizes() == x.sizes(), op, ": expected grad of x's shape ", x.sizes(), ", received ",
+                grad->sizes());
+  }
   if (weight.has_value()) {
     TORCH_CHECK(weight->dim() == 1 && weight->size(0) == x.size(-1), op, ": expected weight [d] = [", x.size(-1),
                 "], received ", weight->sizes());
@@ -76,12 +80,7 @@ static void act_backward_chunk(const scalar_t* g, const scalar_t* x, scalar_t* o
 }
 
 static Tensor lrp_act_backward_cpu(const Tensor& grad, const Tensor& x, c10::string_view act_name, double eps) {
-  const char* op = "lrp_act_backward";
-  check_floating(x, op, "x");
-  TORCH_CHECK(grad.sizes() == x.sizes() && grad.scalar_type() == x.scalar_type(), op,
-              ": expected grad of x's shape and dtype ", x.sizes(), " ", x.scalar_type(), ", received ", grad.sizes(),
-              " ", grad.scalar_type());
-  const Act act = parse_act(std::string(act_name));
+  const Act act = check_act_backward(grad, x, act_name);
   const Tensor xc = x.contiguous(), gc = grad.contiguous();
   Tensor out = at::empty(x.sizes(), x.options());
   const int64_t n = x.numel(), chunks = (n + kActChunk - 1) / kActChunk;
@@ -162,39 +161,25 @@ static void norm_backward_rows(const scalar_t* g, const scalar_t* x, const at::o
   });
 }
 
-template <bool kLayerNorm>
 static std::vector<Tensor> norm_backward_cpu(const Tensor& grad, const Tensor& x, const std::optional<Tensor>& weight,
-                                             double eps, const char* op) {
-  check_lrp_norm(x, weight, op);
-  TORCH_CHECK(grad.sizes() == x.sizes(), op, ": expected grad of x's shape ", x.sizes(), ", received ", grad.sizes());
+                                             double eps, bool layer_norm) {
+  check_lrp_norm(x, weight, layer_norm ? "lrp_layer_norm_backward" : "lrp_rms_norm_backward", &grad);
   const int64_t d = x.size(-1), rows = d == 0 ? 0 : x.numel() / d;
   const Tensor xc = x.contiguous(), gc = grad.to(x.scalar_type()).contiguous();
   const at::ScalarType w_dtype = weight.has_value() ? weight->scalar_type() : x.scalar_type();
   Tensor gx = at::empty(x.sizes(), x.options());
   std::vector<Tensor> out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lrp_rules_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lrp_norm_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     // weight [d] in opmath whatever its dtype (bf16 activations with an fp32 weight are common)
     const Tensor wc = weight.has_value() ? weight->to(c10::CppTypeToScalarType<acc_t>::value).contiguous() : Tensor();
     ColumnSums<acc_t> sums(d);
-    norm_backward_rows<scalar_t, kLayerNorm>(gc.const_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(),
-                                             wc.defined() ? wc.const_data_ptr<acc_t>() : nullptr,
-                                             gx.mutable_data_ptr<scalar_t>(), rows, d, eps, sums);
+    const auto rows_fn = layer_norm ? norm_backward_rows<scalar_t, true> : norm_backward_rows<scalar_t, false>;
+    rows_fn(gc.const_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(), wc.defined() ? wc.const_data_ptr<acc_t>() : nullptr,
+            gx.mutable_data_ptr<scalar_t>(), rows, d, eps, sums);
     out = {gx, sums.total(0, x, w_dtype), sums.total(1, x, w_dtype)};
   });
   return out;
-}
-
-static std::tuple<Tensor, Tensor, Tensor> lrp_layer_norm_backward_cpu(const Tensor& grad, const Tensor& x,
-                                                                      const std::optional<Tensor>& weight, double eps) {
-  auto r = norm_backward_cpu<true>(grad, x, weight, eps, "lrp_layer_norm_backward");
-  return {r[0], r[1], r[2]};
-}
-
-static std::tuple<Tensor, Tensor> lrp_rms_norm_backward_cpu(const Tensor& grad, const Tensor& x,
-                                                            const std::optional<Tensor>& weight, double eps) {
-  auto r = norm_backward_cpu<false>(grad, x, weight, eps, "lrp_rms_norm_backward");
-  return {r[0], r[1]};
 }
 
 // The forwards are ATen calls, valid on every device.
@@ -206,8 +191,8 @@ TORCH_LIBRARY_IMPL(attnfx_C, CompositeExplicitAutograd, m) {
 
 TORCH_LIBRARY_IMPL(attnfx_C, CPU, m) {
   m.impl("lrp_act_backward", &lrp_act_backward_cpu);
-  m.impl("lrp_layer_norm_backward", &lrp_layer_norm_backward_cpu);
-  m.impl("lrp_rms_norm_backward", &lrp_rms_norm_backward_cpu);
+  m.impl("lrp_layer_norm_backward", &layer_norm_backward<norm_backward_cpu>);
+  m.impl("lrp_rms_norm_backward", &rms_norm_backward<norm_backward_cpu>);
 }
 
 }  // namespace attnfx

@@ -51,12 +51,7 @@ __global__ void act_backward_kernel(const scalar_t* __restrict__ g, const scalar
 }
 
 static Tensor lrp_act_backward_cuda(const Tensor& grad, const Tensor& x, c10::string_view act_name, double eps) {
-  const char* op = "lrp_act_backward";
-  check_floating(x, op, "x");
-  TORCH_CHECK(grad.sizes() == x.sizes() && grad.scalar_type() == x.scalar_type(), op,
-              ": expected grad of x's shape and dtype ", x.sizes(), " ", x.scalar_type(), ", received ", grad.sizes(),
-              " ", grad.scalar_type());
-  const Act act = parse_act(std::string(act_name));
+  const Act act = check_act_backward(grad, x, act_name);
   const c10::cuda::CUDAGuard guard(x.device());
   const Tensor xc = x.contiguous(), gc = grad.contiguous();
   Tensor out = at::empty(x.sizes(), x.options());
@@ -104,11 +99,9 @@ __global__ void norm_backward_kernel(const scalar_t* __restrict__ g, const scala
   }
 }
 
-template <bool kLayerNorm>
 static std::vector<Tensor> norm_backward_cuda(const Tensor& grad, const Tensor& x, const std::optional<Tensor>& weight,
-                                              double eps, const char* op) {
-  check_lrp_norm(x, weight, op);
-  TORCH_CHECK(grad.sizes() == x.sizes(), op, ": expected grad of x's shape ", x.sizes(), ", received ", grad.sizes());
+                                              double eps, bool layer_norm) {
+  check_lrp_norm(x, weight, layer_norm ? "lrp_layer_norm_backward" : "lrp_rms_norm_backward", &grad);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t d = x.size(-1), rows = d == 0 ? 0 : x.numel() / d;
   const Tensor xc = x.contiguous(), gc = grad.to(x.scalar_type()).contiguous();
@@ -121,7 +114,8 @@ static std::vector<Tensor> norm_backward_cuda(const Tensor& grad, const Tensor& 
     const auto stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lrp_norm_backward_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      norm_backward_kernel<scalar_t, kLayerNorm><<<static_cast<unsigned>(std::min(rows, kMaxBlocks)), kThreads, 0, stream>>>(
+      const auto kernel = layer_norm ? norm_backward_kernel<scalar_t, true> : norm_backward_kernel<scalar_t, false>;
+      kernel<<<static_cast<unsigned>(std::min(rows, kMaxBlocks)), kThreads, 0, stream>>>(
           gc.const_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(),
           wc.defined() ? wc.const_data_ptr<acc_t>() : nullptr, gx.mutable_data_ptr<scalar_t>(),
           gw_sum.mutable_data_ptr<acc_t>(), gb_sum.mutable_data_ptr<acc_t>(), rows, d, static_cast<acc_t>(eps));
@@ -131,22 +125,10 @@ static std::vector<Tensor> norm_backward_cuda(const Tensor& grad, const Tensor& 
   return {gx, gw_sum.to(w_dtype), gb_sum.to(w_dtype)};
 }
 
-static std::tuple<Tensor, Tensor, Tensor> lrp_layer_norm_backward_cuda(const Tensor& grad, const Tensor& x,
-                                                                       const std::optional<Tensor>& weight, double eps) {
-  auto r = norm_backward_cuda<true>(grad, x, weight, eps, "lrp_layer_norm_backward");
-  return {r[0], r[1], r[2]};
-}
-
-static std::tuple<Tensor, Tensor> lrp_rms_norm_backward_cuda(const Tensor& grad, const Tensor& x,
-                                                             const std::optional<Tensor>& weight, double eps) {
-  auto r = norm_backward_cuda<false>(grad, x, weight, eps, "lrp_rms_norm_backward");
-  return {r[0], r[1]};
-}
-
 TORCH_LIBRARY_IMPL(attnfx_C, CUDA, m) {
   m.impl("lrp_act_backward", &lrp_act_backward_cuda);
-  m.impl("lrp_layer_norm_backward", &lrp_layer_norm_backward_cuda);
-  m.impl("lrp_rms_norm_backward", &lrp_rms_norm_backward_cuda);
+  m.impl("lrp_layer_norm_backward", &layer_norm_backward<norm_backward_cuda>);
+  m.impl("lrp_rms_norm_backward", &rms_norm_backward<norm_backward_cuda>);
 }
 
 }  // namespace attnfx

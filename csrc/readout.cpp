@@ -14,11 +14,7 @@ namespace attnfx {
 
 RowsTimesHeads readout_problem(const Tensor& z, const Tensor& u) {
   const char* op = "head_readout";
-  check_dim(z, 4, op, "z", "[b, t, H, d]");
-  check_dim(u, 3, op, "u", "[H, d, K]");
-  check_floating(z, op, "z");
-  check_floating(u, op, "u");
-  check_same_device(z, u, op, "u");
+  check_operands(op, {z, "z", 4, "[b, t, H, d]"}, {u, "u", 3, "[H, d, K]"});
   TORCH_CHECK(u.size(0) == z.size(2) && u.size(1) == z.size(3), op, ": expected u [H, d, K] = [", z.size(2), ", ",
               z.size(3), ", K] for z ", z.sizes(), ", received ", u.sizes());
   RowsTimesHeads p{z, {}, {}, u.to(at::kFloat).contiguous()};
@@ -37,11 +33,7 @@ static std::vector<int64_t> checked_indices(at::IntArrayRef idx, int64_t bound, 
 RowsTimesHeads contrib_problem(const Tensor& z, const Tensor& w_o, at::IntArrayRef heads,
                                at::OptionalIntArrayRef positions) {
   const char* op = "head_contrib";
-  check_dim(z, 4, op, "z", "[b, t, H, d]");
-  check_dim(w_o, 2, op, "w_o", "[d_model, H*d]");
-  check_floating(z, op, "z");
-  check_floating(w_o, op, "w_o");
-  check_same_device(z, w_o, op, "w_o");
+  check_operands(op, {z, "z", 4, "[b, t, H, d]"}, {w_o, "w_o", 2, "[d_model, H*d]"});
   const int64_t H = z.size(2), d = z.size(3);
   TORCH_CHECK(w_o.size(1) == H * d, op, ": expected w_o [d_model, H*d] with H*d = ", H * d, ", received ",
               w_o.sizes());
@@ -105,31 +97,14 @@ static void rows_times_heads_cpu(const RowsTimesHeads& p, out_t* out) {
 }
 
 static Tensor run_cpu(const RowsTimesHeads& p, at::ScalarType out_dtype) {
-  auto out = at::empty({p.z.size(0), (int64_t)p.positions.size(), (int64_t)p.heads.size(), p.u.size(2)},
-                       p.z.options().dtype(out_dtype));
-  if (out.numel() == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.z.scalar_type(), "rows_times_heads_cpu", [&] {
-    if (out_dtype == at::kFloat) {
-      rows_times_heads_cpu<scalar_t, float>(p, out.mutable_data_ptr<float>());
-    } else {
-      rows_times_heads_cpu<scalar_t, scalar_t>(p, out.mutable_data_ptr<scalar_t>());
-    }
+  return run_rows_times_heads(p, out_dtype, [&](auto z_type, auto* out) {
+    rows_times_heads_cpu<decltype(z_type)>(p, out);
   });
-  return out;
-}
-
-static Tensor head_readout_cpu(const Tensor& z, const Tensor& u) {
-  return run_cpu(readout_problem(z, u), at::kFloat);
-}
-
-static Tensor head_contrib_cpu(const Tensor& z, const Tensor& w_o, at::IntArrayRef heads,
-                               at::OptionalIntArrayRef positions) {
-  return run_cpu(contrib_problem(z, w_o, heads, positions), z.scalar_type());
 }
 
 TORCH_LIBRARY_IMPL(attnfx_C, CPU, m) {
-  m.impl("head_readout", &head_readout_cpu);
-  m.impl("head_contrib", &head_contrib_cpu);
+  m.impl("head_readout", &head_readout<run_cpu>);
+  m.impl("head_contrib", &head_contrib<run_cpu>);
 }
 
 }  // namespace attnfx

@@ -36,48 +36,29 @@ __global__ void rows_times_heads_kernel(const scalar_t* __restrict__ z, int64_t 
 static Tensor run_cuda(const RowsTimesHeads& p, at::ScalarType out_dtype) {
   const int64_t P = p.positions.size(), n = p.heads.size(), d = p.z.size(3), K = p.u.size(2);
   const c10::cuda::CUDAGuard guard(p.z.device());
-  Tensor out = at::empty({p.z.size(0), P, n, K}, p.z.options().dtype(out_dtype));
-  const int64_t rows = out.numel() / std::max<int64_t>(K, 1);
-  if (out.numel() == 0) return out;
   TORCH_CHECK(d <= kMaxSharedFloats, "head_readout/head_contrib on CUDA: expected d <= ", kMaxSharedFloats,
               ", received ", d);
   // Small K (readouts: K ≈ 8) packs many rows into a block; large K (contrib: d_model) one row.
   const int k_threads = static_cast<int>(std::min<int64_t>(kThreads, ((K + 31) / 32) * 32));
-  const int rows_per_block = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(kThreads / k_threads,
-                                                                                       kMaxSharedFloats / std::max<int64_t>(d, 1))));
+  const int rows_per_block = static_cast<int>(
+      std::max<int64_t>(1, std::min<int64_t>(kThreads / k_threads, kMaxSharedFloats / std::max<int64_t>(d, 1))));
   const Tensor positions = cuda::to_device(p.positions, p.z.device()), heads = cuda::to_device(p.heads, p.z.device());
-  const dim3 block(k_threads, rows_per_block);
-  const size_t shared = rows_per_block * d * sizeof(float);
+  const int64_t rows = p.z.size(0) * P * n;
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.z.scalar_type(), "rows_times_heads_cuda", [&] {
-    const auto launch = [&](auto* out_ptr) {
-      rows_times_heads_kernel<<<cuda::blocks_for(rows, rows_per_block), block, shared, stream>>>(
-          p.z.const_data_ptr<scalar_t>(), p.z.stride(0), p.z.stride(1), p.z.stride(2), p.z.stride(3),
-          positions.const_data_ptr<int64_t>(), heads.const_data_ptr<int64_t>(), p.u.const_data_ptr<float>(),
-          out_ptr, rows, P, n, d, K);
-    };
-    if (out_dtype == at::kFloat) {
-      launch(out.mutable_data_ptr<float>());
-    } else {
-      launch(out.mutable_data_ptr<scalar_t>());
-    }
+  return run_rows_times_heads(p, out_dtype, [&](auto z_type, auto* out) {
+    using scalar_t = decltype(z_type);
+    rows_times_heads_kernel<<<cuda::blocks_for(rows, rows_per_block), dim3(k_threads, rows_per_block),
+                              rows_per_block * d * sizeof(float), stream>>>(
+        p.z.const_data_ptr<scalar_t>(), p.z.stride(0), p.z.stride(1), p.z.stride(2), p.z.stride(3),
+        positions.const_data_ptr<int64_t>(), heads.const_data_ptr<int64_t>(), p.u.const_data_ptr<float>(), out, rows,
+        P, n, d, K);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return out;
-}
-
-static Tensor head_readout_cuda(const Tensor& z, const Tensor& u) {
-  return run_cuda(readout_problem(z, u), at::kFloat);
-}
-
-static Tensor head_contrib_cuda(const Tensor& z, const Tensor& w_o, at::IntArrayRef heads,
-                                at::OptionalIntArrayRef positions) {
-  return run_cuda(contrib_problem(z, w_o, heads, positions), z.scalar_type());
 }
 
 TORCH_LIBRARY_IMPL(attnfx_C, CUDA, m) {
-  m.impl("head_readout", &head_readout_cuda);
-  m.impl("head_contrib", &head_contrib_cuda);
+  m.impl("head_readout", &head_readout<run_cuda>);
+  m.impl("head_contrib", &head_contrib<run_cuda>);
 }
 
 }  // namespace attnfx
