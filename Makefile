@@ -49,4 +49,4 @@ bench: $(STAMP)
 	$(PY) bench/kernels.py
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info demo-out .pytest_cache .hypothesis
+	rm -rf $(VENV) build src/*.egg-info src/attnfx/*.so demo-out .pytest_cache .hypothesis

@@ -3,14 +3,15 @@
 //   mass[b, t, h, i] = Σ_{j ∈ [start_i, end_i), visible} exp(s_tj − lse)
 // (attnfx.ops.reference.attention's "lse" and "mass"). Visible: key_mask[b, j] and, when causal,
 // j ≤ t + S − T (bottom-right). A row with no visible key has lse = −inf and mass = 0.
-// Blockwise over keys with an online softmax (Milakov & Gimelshein 2018): a thread holds one
-// [kBlockQ, kBlockK] tile of scores, never the T×S matrix. Scores come from at::mm on fp32 tiles
-// (BLAS), as the reference's q.float() @ k.float()ᵀ does. GQA reads kv head h / (H / Hkv).
+// Blockwise over keys with an online softmax (Milakov & Gimelshein 2018): per tile of kBlockK keys
+// a [b·H·T, kBlockK] block of scores and O(b·H·T·n) running state, never the T×S matrix. Scores
+// come from at::bmm on fp32 (BLAS), as the reference's q.float() @ k.float()ᵀ does; causal tiles
+// skip the rows that see none of their keys. GQA copies only each key tile per query head.
 #include "common.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/mm.h>
+#include <ATen/ops/bmm.h>
 
 #include <cmath>
 #include <limits>
@@ -41,10 +42,10 @@ int64_t check_attention_stats(const Tensor& q, const Tensor& k, const std::optio
   return S;
 }
 
-// Tile sizes: a [64, 512] fp32 score tile is 128 KiB (fits L2) and each at::mm call does 64·512·d
-// multiply-adds, enough that the op's dispatch cost (µs) is noise next to the BLAS work.
-constexpr int64_t kBlockQ = 64;
-constexpr int64_t kBlockK = 512;
+// Keys per tile: the score buffer is [b·H·T, 256] fp32, 4× q's size at d = 64 (the reference
+// builds several [b, H, T, S]); 8 tiles at S = 2048 means 17 parallel regions in all.
+constexpr int64_t kBlockK = 256;
+constexpr int64_t kGrainRows = 16;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 struct StatsProblem {
@@ -55,7 +56,7 @@ struct StatsProblem {
   float scale;
 };
 
-// Running state of kBlockQ rows: max m, Σ exp(s − m), and Σ over each span of exp(s − m).
+// Running state of every row (b, h, t): max m, Σ exp(s − m), and per span Σ exp(s − m).
 struct RowState {
   std::vector<float> m, l, acc;
   RowState(int64_t rows, int64_t n) : m(rows, kNegInf), l(rows, 0.f), acc(rows * n, 0.f) {}
@@ -88,32 +89,26 @@ static void update_row(float* s, int64_t len, int64_t j0, int64_t last, const bo
   *m = m_new;
 }
 
-// One (batch, head, block of query rows): all key tiles, then the rows' lse and mass.
-static void stats_block(const StatsProblem& p, int64_t b, int64_t h, int64_t t0, float* lse, float* mass) {
-  const int64_t H = p.q.size(1), T = p.q.size(2), S = p.k.size(2), Hkv = p.k.size(1);
-  const int64_t n = p.spans.size() / 2, rows = std::min(kBlockQ, T - t0);
-  const Tensor q_tile = p.q[b][h].narrow(0, t0, rows);
-  const Tensor k_head = p.k[b][h / (H / Hkv)];
-  const bool* mask = p.key_mask == nullptr ? nullptr : p.key_mask + b * S;
-  const int64_t last_key = p.causal ? t0 + rows - 1 + S - T : S - 1;   // of the block's last row
-  Tensor scores = at::empty({rows, kBlockK}, q_tile.options());
-  RowState st(rows, n);
-  for (int64_t j0 = 0; j0 < S && j0 <= last_key; j0 += kBlockK) {
-    const int64_t len = std::min(kBlockK, S - j0);
-    Tensor tile = scores.narrow(1, 0, len);
-    at::mm_out(tile, q_tile, k_head.narrow(0, j0, len).t());
-    float* s = scores.mutable_data_ptr<float>();
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t last = p.causal ? t0 + r + S - T : S - 1;
-      update_row(s + r * kBlockK, len, j0, last, mask, p, &st.m[r], &st.l[r], &st.acc[r * n]);
+// One key tile [j0, j0 + len) for every head: one at::bmm (BLAS, outside any parallel region: see
+// readout.cpp) over the rows that see the tile, then all those rows' updates in one region.
+static void stats_tile(const StatsProblem& p, int64_t j0, Tensor& scores, RowState& st) {
+  const int64_t B = p.q.size(0), H = p.q.size(1), T = p.q.size(2), d = p.q.size(3);
+  const int64_t Hkv = p.k.size(1), S = p.k.size(2), n = p.spans.size() / 2, len = std::min(kBlockK, S - j0);
+  const int64_t first = p.causal ? std::max<int64_t>(0, j0 - (S - T)) : 0;     // first row that sees key j0
+  const int64_t rows = T - first;
+  Tensor q3 = p.q.view({B * H, T, d}).narrow(1, first, rows);
+  Tensor k3 = p.k.narrow(2, j0, len).unsqueeze(2).expand({B, Hkv, H / Hkv, len, d}).reshape({B * H, len, d});
+  Tensor out = scores.narrow(0, 0, B * H * rows * len).view({B * H, rows, len});
+  at::bmm_out(out, q3, k3.transpose(1, 2));
+  float* s = out.mutable_data_ptr<float>();
+  at::parallel_for(0, B * H * rows, kGrainRows, [&](int64_t lo, int64_t hi) {
+    for (int64_t w = lo; w < hi; ++w) {
+      const int64_t bh = w / rows, t = first + w % rows, row = bh * T + t;
+      const bool* mask = p.key_mask == nullptr ? nullptr : p.key_mask + (bh / H) * S;
+      update_row(s + w * len, len, j0, p.causal ? t + S - T : S - 1, mask, p, &st.m[row], &st.l[row],
+                 &st.acc[row * n]);
     }
-  }
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t t = t0 + r;
-    const bool any = st.l[r] > 0.f;
-    lse[(b * H + h) * T + t] = any ? st.m[r] + std::log(st.l[r]) : kNegInf;
-    for (int64_t i = 0; i < n; ++i) mass[((b * T + t) * H + h) * n + i] = any ? st.acc[r * n + i] / st.l[r] : 0.f;
-  }
+  });
 }
 
 static std::tuple<Tensor, Tensor> attention_stats_cpu(const Tensor& q, const Tensor& k,
@@ -129,14 +124,21 @@ static std::tuple<Tensor, Tensor> attention_stats_cpu(const Tensor& q, const Ten
     Tensor sp = spans->to(at::kCPU).contiguous();
     p.spans.assign(sp.const_data_ptr<int64_t>(), sp.const_data_ptr<int64_t>() + sp.numel());
   }
-  const int64_t n = p.spans.size() / 2, q_blocks = (T + kBlockQ - 1) / kBlockQ;
+  const int64_t n = p.spans.size() / 2;
   Tensor lse = at::empty({B, H, T}, q.options().dtype(at::kFloat));
   Tensor mass = at::empty({B, T, H, n}, q.options().dtype(at::kFloat));
+  Tensor scores = at::empty({B * H * T * kBlockK}, p.q.options());
+  RowState st(B * H * T, n);
+  const int64_t S = p.k.size(2);
+  for (int64_t j0 = 0; j0 < S && (!causal || j0 - (S - T) < T); j0 += kBlockK) stats_tile(p, j0, scores, st);
   float* lse_p = lse.mutable_data_ptr<float>();
   float* mass_p = mass.mutable_data_ptr<float>();
-  at::parallel_for(0, B * H * q_blocks, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t w = lo; w < hi; ++w) {
-      stats_block(p, w / (H * q_blocks), (w / q_blocks) % H, (w % q_blocks) * kBlockQ, lse_p, mass_p);
+  at::parallel_for(0, B * H * T, kGrainRows, [&](int64_t lo, int64_t hi) {
+    for (int64_t row = lo; row < hi; ++row) {                        // row = (b·H + h)·T + t
+      const int64_t t = row % T, h = (row / T) % H, b = row / (T * H);
+      const bool any = st.l[row] > 0.f;
+      lse_p[row] = any ? st.m[row] + std::log(st.l[row]) : kNegInf;
+      for (int64_t i = 0; i < n; ++i) mass_p[((b * T + t) * H + h) * n + i] = any ? st.acc[row * n + i] / st.l[row] : 0.f;
     }
   });
   return {lse, mass};

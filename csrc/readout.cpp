@@ -2,12 +2,12 @@
 //   readout[b, t, h, k]   = Σ_e z[b, t, h, e] · u[h, e, k]                      fp32
 //   contrib[b, p, i, m]   = Σ_e z[b, pos_p, h_i, e] · W_O[m, h_i·d + e]          z's dtype
 // Both are "rows of z times a per-head [d, K] matrix" with fp32 accumulation (contrib's matrix is
-// W_O's column block of head h_i, transposed), computed as BLAS products of blocks of rows.
+// W_O's column block of head h_i, transposed), computed as one batched BLAS product.
 #include "common.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/mm.h>
+#include <ATen/ops/bmm.h>
 #include <ATen/ops/stack.h>
 
 namespace attnfx {
@@ -52,46 +52,35 @@ RowsTimesHeads contrib_problem(const Tensor& z, const Tensor& w_o, at::IntArrayR
   return p;
 }
 
-// Rows per BLAS call: a block of z rows of about 256 KiB (1024 rows at d = 64) times u[i] [d, K]:
-// large enough that at::mm's per-call cost (µs) is small next to the product even at K = 8.
-constexpr int64_t kBlockFloats = 1 << 16;
+// Rows per parallel chunk when gathering z rows / scattering outputs.
+constexpr int64_t kGrainRows = 64;
 
-static int64_t block_rows(int64_t d) { return std::clamp<int64_t>(kBlockFloats / std::max<int64_t>(d, 1), 64, 4096); }
-
-// One (head i, block of rows): gather the z rows as fp32, one at::mm (BLAS) against u[i], then
-// write the block into out[b, p, i, :] in the output dtype.
-template <typename scalar_t, typename out_t>
-static void rows_times_head_block(const RowsTimesHeads& p, int64_t i, int64_t r0, int64_t rows, Tensor& zbuf,
-                                  Tensor& obuf, out_t* out) {
-  const int64_t P = p.positions.size(), n = p.heads.size(), d = p.z.size(3), K = p.u.size(2);
-  const scalar_t* z = p.z.const_data_ptr<scalar_t>();
-  const auto sz = p.z.strides();
-  float* zb = zbuf.mutable_data_ptr<float>();
-  for (int64_t r = 0; r < rows; ++r) {                      // r0 + r = b·P + p
-    const int64_t b = (r0 + r) / P, pi = (r0 + r) % P;
-    const scalar_t* src = z + b * sz[0] + p.positions[pi] * sz[1] + p.heads[i] * sz[2];
-    for (int64_t e = 0; e < d; ++e) zb[r * d + e] = static_cast<float>(src[e * sz[3]]);
-  }
-  Tensor o = obuf.narrow(0, 0, rows);
-  at::mm_out(o, zbuf.narrow(0, 0, rows), p.u[i]);
-  const float* ob = obuf.const_data_ptr<float>();
-  for (int64_t r = 0; r < rows; ++r) {
-    out_t* dst = out + ((r0 + r) * n + i) * K;
-    for (int64_t k = 0; k < K; ++k) dst[k] = static_cast<out_t>(ob[r * K + k]);
-  }
-}
-
+// Gather the picked z rows as fp32 [n, b·P, d], one at::bmm (BLAS) against u [n, d, K], scatter
+// into out [b, P, n, K]: three parallel regions in all, and BLAS outside any of them. (Per-head
+// products inside at::parallel_for, or one region per head, stalled 0.1-1 s per call at 2 threads
+// on a busy 2-core CPU: every OpenMP barrier waits for a descheduled thread. Torch 2.13 CPU wheel.)
 template <typename scalar_t, typename out_t>
 static void rows_times_heads_cpu(const RowsTimesHeads& p, out_t* out) {
-  const int64_t n = p.heads.size(), d = p.z.size(3), K = p.u.size(2);
-  const int64_t rows = p.z.size(0) * static_cast<int64_t>(p.positions.size());
-  const int64_t block = block_rows(d), blocks = (rows + block - 1) / block;
-  const auto opts = p.u.options();
-  at::parallel_for(0, n * blocks, 1, [&](int64_t lo, int64_t hi) {
-    Tensor zbuf = at::empty({block, d}, opts), obuf = at::empty({block, K}, opts);
-    for (int64_t w = lo; w < hi; ++w) {
-      const int64_t r0 = (w % blocks) * block;
-      rows_times_head_block<scalar_t, out_t>(p, w / blocks, r0, std::min(block, rows - r0), zbuf, obuf, out);
+  const int64_t P = p.positions.size(), n = p.heads.size(), d = p.z.size(3), K = p.u.size(2);
+  const int64_t rows = p.z.size(0) * P;
+  const scalar_t* z = p.z.const_data_ptr<scalar_t>();
+  const auto sz = p.z.strides();
+  Tensor zbuf = at::empty({n, rows, d}, p.u.options());
+  float* zb = zbuf.mutable_data_ptr<float>();
+  at::parallel_for(0, n * rows, kGrainRows, [&](int64_t lo, int64_t hi) {
+    for (int64_t w = lo; w < hi; ++w) {                      // w = i·rows + b·P + p
+      const int64_t i = w / rows, r = w % rows;
+      const scalar_t* src = z + (r / P) * sz[0] + p.positions[r % P] * sz[1] + p.heads[i] * sz[2];
+      for (int64_t e = 0; e < d; ++e) zb[w * d + e] = static_cast<float>(src[e * sz[3]]);
+    }
+  });
+  const Tensor obuf = at::bmm(zbuf, p.u);                    // [n, rows, K]
+  const float* ob = obuf.const_data_ptr<float>();
+  at::parallel_for(0, rows, kGrainRows, [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) {
+      for (int64_t i = 0; i < n; ++i) {
+        for (int64_t k = 0; k < K; ++k) out[(r * n + i) * K + k] = static_cast<out_t>(ob[(i * rows + r) * K + k]);
+      }
     }
   });
 }
