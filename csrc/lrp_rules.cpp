@@ -10,7 +10,6 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/from_blob.h>
 #include <ATen/ops/gelu.h>
 #include <ATen/ops/layer_norm.h>
 #include <ATen/ops/relu.h>
@@ -55,44 +54,29 @@ static Tensor lrp_act_fwd(const Tensor& x, c10::string_view act, double eps) {
   return act_forward(x, parse_act(std::string(act)));
 }
 
-// Elements per chunk: f(x) comes from ATen's vectorised kernel on a chunk that stays in L2
-// (64 KiB of fp32), and the rule's multiply/divide is fused into the same pass.
-constexpr int64_t kActChunk = 16384;
+// Elements per parallel chunk of the rule's elementwise pass.
+constexpr int64_t kGrainElements = 1 << 14;
 
-template <typename scalar_t>
-static void act_backward_chunk(const scalar_t* g, const scalar_t* x, scalar_t* out, int64_t len, Act act, double eps,
-                               std::vector<at::opmath_type<scalar_t>>& xf,
-                               std::vector<at::opmath_type<scalar_t>>& f) {
-  using acc_t = at::opmath_type<scalar_t>;
-  for (int64_t i = 0; i < len; ++i) xf[i] = static_cast<acc_t>(x[i]);
-  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
-  Tensor f_t = at::from_blob(f.data(), {len}, opts);
-  if (act == Act::Relu) {
-    for (int64_t i = 0; i < len; ++i) f[i] = xf[i] > 0 ? xf[i] : acc_t(0);
-  } else {
-    f_t.copy_(act_forward(at::from_blob(xf.data(), {len}, opts), act));
-  }
-  const acc_t e = static_cast<acc_t>(eps);
-  for (int64_t i = 0; i < len; ++i) {
-    const acc_t stab = xf[i] + (xf[i] >= 0 ? e : -e);
-    out[i] = static_cast<scalar_t>(static_cast<acc_t>(g[i]) * (f[i] / stab));
-  }
-}
-
+// f(x) comes from ATen's vectorised kernel in opmath, in one call made outside the parallel region
+// (ATen ops called inside at::parallel_for stalled for up to 1 s at 2 threads on the busy 2-core
+// CPU; see readout.cpp); stabilising, dividing, multiplying and casting are one fused pass.
 static Tensor lrp_act_backward_cpu(const Tensor& grad, const Tensor& x, c10::string_view act_name, double eps) {
   const Act act = check_act_backward(grad, x, act_name);
   const Tensor xc = x.contiguous(), gc = grad.contiguous();
+  const Tensor f = act == Act::Relu ? Tensor() : act_forward(xc.to(at::toOpMathType(x.scalar_type())), act).contiguous();
   Tensor out = at::empty(x.sizes(), x.options());
-  const int64_t n = x.numel(), chunks = (n + kActChunk - 1) / kActChunk;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lrp_rules_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lrp_act_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = xc.const_data_ptr<scalar_t>();
     const scalar_t* gp = gc.const_data_ptr<scalar_t>();
-    scalar_t* op_ = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, chunks, 1, [&](int64_t lo, int64_t hi) {
-      std::vector<at::opmath_type<scalar_t>> xf(kActChunk), f(kActChunk);
-      for (int64_t c = lo; c < hi; ++c) {
-        const int64_t start = c * kActChunk, len = std::min(kActChunk, n - start);
-        act_backward_chunk(gp + start, xp + start, op_ + start, len, act, eps, xf, f);
+    const acc_t* fp = f.defined() ? f.const_data_ptr<acc_t>() : nullptr;
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    const acc_t e = static_cast<acc_t>(eps);
+    at::parallel_for(0, x.numel(), kGrainElements, [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i) {
+        const acc_t xi = static_cast<acc_t>(xp[i]);
+        const acc_t fi = fp != nullptr ? fp[i] : (xi > acc_t(0) ? xi : acc_t(0));
+        op[i] = static_cast<scalar_t>(static_cast<acc_t>(gp[i]) * (fi / (xi + (xi >= acc_t(0) ? e : -e))));
       }
     });
   });
