@@ -106,7 +106,7 @@ def _plot(rows: list[dict], path: Path) -> None:
     ax.legend(loc="lower right")
     ax.set_title(f"attnfx._C vs the torch reference — {H.device_name()}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")            # the long case labels
     plt.close(fig)
 
 
