@@ -7,6 +7,7 @@
 """
 from . import errors
 from .api import FinalNormInfo, InstrumentedModel, SiteInfo, instrument
+from .backends import set_backend
 from .errors import *  # noqa: F401,F403  (typed errors are part of the public surface)
 from .sites import PATTERNS
 

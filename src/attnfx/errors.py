@@ -62,5 +62,9 @@ class RelevanceLeakWarning(UserWarning):
     """relevance() used the plain gradient through ops that no LRP rule covers (named)."""
 
 
+class BackendUnavailableError(AttnfxError, RuntimeError):
+    """An op was forced onto an implementation it lacks or that cannot run here (attnfx.backends)."""
+
+
 class LoweringWarning(UserWarning):
     """instrument(lower=True) kept SDPA at some sites (named in the message)."""

@@ -28,23 +28,24 @@ import torch
 
 from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
 
+from .. import backends
 from ..errors import DeviceMismatchError, InvalidArgumentError, ShapeMismatchError
 from . import reference
 
 ATTENTION_BACKENDS = ("triton", "reference")
-_forced: str | None = None
+backends.register("attention", set(ATTENTION_BACKENDS))
 
 
 def set_attention_backend(name: str | None) -> None:
-    """Force one implementation of attnfx::attention (None: Triton on CUDA, reference elsewhere)."""
-    global _forced
+    """Force one implementation of attnfx::attention (None: the default order, Triton on CUDA and
+    the reference elsewhere): `attnfx.set_backend(name, op="attention")`."""
     if name is not None and name not in ATTENTION_BACKENDS:
         raise InvalidArgumentError(f"attention backend must be one of {ATTENTION_BACKENDS} or None, got {name!r}")
-    _forced = name
+    backends.set_backend(name, op="attention")
 
 
 def attention_backend(device: torch.device) -> str:
-    return _forced or ("triton" if device.type == "cuda" else "reference")
+    return backends.choose("attention", device)
 
 
 def _kernels(device: torch.device):
