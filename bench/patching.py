@@ -215,56 +215,50 @@ def big_model(config: dict, shape: tuple[int, int]):
 
 
 # ---- plots ----------------------------------------------------------------------------------------
-def _grid(correlation: dict):
+def _panels(path, correlation: dict, title: str, axis_labels: tuple[str, str], draw) -> None:
+    """One panel per task × component: draw(ax, component) scatters and returns the x values; a
+    dashed y = x beside them."""
     from matplotlib.figure import Figure
 
     kinds = list(next(iter(correlation.values()))["components"])
     fig = Figure(figsize=(3.0 * len(kinds), 2.9 * len(correlation)), dpi=110, layout="constrained")
-    return fig, fig.subplots(len(correlation), len(kinds), squeeze=False), kinds
+    axes = fig.subplots(len(correlation), len(kinds), squeeze=False)
+    for row, (task, result) in zip(axes, correlation.items()):
+        for ax, kind in zip(row, kinds):
+            comp = result["components"][kind]
+            x = draw(ax, comp)
+            lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+            ax.plot([lo, hi], [lo, hi], color="gray", lw=0.8, ls="--")
+            ax.set_title(f"{task}: {kind} ({comp['n_components']})", fontsize=8)
+            ax.legend(fontsize=5.5, loc="upper left")
+            ax.set_xlabel(axis_labels[0], fontsize=7)
+            ax.tick_params(labelsize=6)
+    axes[0][0].set_ylabel(axis_labels[1], fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.savefig(path)
 
 
 def scatter(path, correlation: dict, title: str) -> None:
-    """One panel per task × component: each estimate against the exact effect, with r."""
-    fig, axes, kinds = _grid(correlation)
+    """Each estimate against the exact effect, with r."""
     markers = dict(zip(ESTIMATES, ("o", "x", "s", "^")))
-    for row, (task, result) in zip(axes, correlation.items()):
-        for ax, kind in zip(row, kinds):
-            comp = result["components"][kind]
-            exact = torch.tensor(comp["exact"]).flatten()
-            for name in (n for n in ESTIMATES if n in comp["estimates"]):
-                ax.scatter(exact, torch.tensor(comp["estimates"][name]).flatten(), s=12, marker=markers[name],
-                           alpha=0.6, label=f"{name} r={comp['stats'][name]['r']:.3f}")
-            _diagonal(ax, exact)
-            ax.set_title(f"{task}: {kind} ({comp['n_components']})", fontsize=8)
-            ax.legend(fontsize=5.5, loc="upper left")
-            ax.set_xlabel("exact effect", fontsize=7)
-    axes[0][0].set_ylabel("estimate", fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.savefig(path)
+
+    def draw(ax, comp):
+        exact = torch.tensor(comp["exact"]).flatten()
+        for name in (n for n in ESTIMATES if n in comp["estimates"]):
+            ax.scatter(exact, torch.tensor(comp["estimates"][name]).flatten(), s=12, marker=markers[name],
+                       alpha=0.6, label=f"{name} r={comp['stats'][name]['r']:.3f}")
+        return exact
+    _panels(path, correlation, title, ("exact effect", "estimate"), draw)
 
 
 def graddrop_scatter(path, correlation: dict, title: str) -> None:
-    """AtP*'s GradDrop scores (mean |estimate|) against |exact effect|."""
-    fig, axes, kinds = _grid(correlation)
-    for row, (task, result) in zip(axes, correlation.items()):
-        for ax, kind in zip(row, kinds):
-            comp = result["components"][kind]
-            exact = torch.tensor(comp["exact"]).flatten().abs()
-            ax.scatter(exact, torch.tensor(comp[GRADDROP]).flatten(), s=12, alpha=0.6, color="C4",
-                       label=f"r={comp['stats'][GRADDROP]['r']:.3f}")
-            _diagonal(ax, exact)
-            ax.set_title(f"{task}: {kind}", fontsize=8)
-            ax.legend(fontsize=6, loc="upper left")
-            ax.set_xlabel("|exact effect|", fontsize=7)
-    axes[0][0].set_ylabel("AtP* GradDrop score", fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.savefig(path)
-
-
-def _diagonal(ax, exact: torch.Tensor) -> None:
-    lo, hi = min(float(exact.min()), 0.0), max(float(exact.max()), 0.0)
-    ax.plot([lo, hi], [lo, hi], color="gray", lw=0.8, ls="--")
-    ax.tick_params(labelsize=6)
+    """AtP*'s GradDrop scores (mean over prompts of |estimate|) against |exact effect|."""
+    def draw(ax, comp):
+        exact = torch.tensor(comp["exact"]).flatten().abs()
+        ax.scatter(exact, torch.tensor(comp[GRADDROP]).flatten(), s=12, alpha=0.6, color="C4",
+                   label=f"r={comp['stats'][GRADDROP]['r']:.3f}")
+        return exact
+    _panels(path, correlation, title, ("|exact effect|", "AtP* GradDrop score"), draw)
 
 
 def cost_plot(path, costs: dict) -> None:
