@@ -29,9 +29,10 @@ def without_extension(monkeypatch):
 
 
 def test_report_names_every_op_and_why():
-    lines = backends.report(["cpu"]).splitlines()
-    assert [line.split()[0] for line in lines] == OPS
-    assert all(line.split()[2] == "cpp" and "default order cpp > reference" in line for line in lines)
+    lines = {line.split()[0]: line for line in backends.report(["cpu"]).splitlines()}
+    assert sorted(lines) == sorted(OPS + ["attention"])
+    assert all(lines[op].split()[2] == "cpp" and "default order cpp > reference" in lines[op] for op in OPS)
+    assert lines["attention"].split()[2] == "reference"          # no C++ attention; Triton only when forced
 
 
 def test_overrides_per_op_win_over_the_global_one():

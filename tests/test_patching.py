@@ -113,6 +113,16 @@ def test_relp_equals_atp_without_nonlinearities_or_norms_and_halves_values():
                                rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("component", ["queries", "keys"])
+def test_relp_under_cp_lrp_refuses_queries_and_keys(component):
+    """CP-LRP detaches q and k, so they have no relevance coefficient: a typed error that says so,
+    not autograd's "appears to not have been used in the graph"."""
+    im, clean, corrupt = _attention_only(torch.float32)
+    with pytest.raises(InvalidArgumentError, match="CP-LRP detaches"):
+        patching.relp(im, clean, corrupt, metrics.logit_diff(5, 9), component, rule="cp-lrp")
+    patching.relp(im, clean, corrupt, metrics.logit_diff(5, 9), component)       # AttnLRP has them
+
+
 @pytest.mark.parametrize("handwritten", [False, True])
 @pytest.mark.parametrize("component", ["keys", "queries"])
 def test_qk_fix_equals_the_exact_effect_of_one_query_or_key(component, handwritten):

@@ -210,6 +210,10 @@ def relp(im, clean, corrupt, metric: Callable, components: str = "heads", *, per
     + 1 backward."""
     if rule not in ("attnlrp", "cp-lrp"):
         raise InvalidArgumentError(f"RelP's rule must be 'attnlrp' or 'cp-lrp', got {rule!r}")
+    if rule == "cp-lrp" and components in ("queries", "keys"):
+        raise InvalidArgumentError(f"CP-LRP detaches queries and keys (attention as constant routing), so "
+                                   f"'{components}' have no relevance coefficient; use rule='attnlrp', or "
+                                   "atp_star's QK fix")
     return _gradient_method(im, clean, corrupt, metric, components, per_position, rule, "relp")
 
 
