@@ -20,7 +20,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from ..lrp_plan import Plan
-from ..ops import lrp_rules as _registers_rule_ops  # noqa: F401
+from ..ops import lrp_rules
 from ..sites import example_value
 from ._build import call
 
@@ -46,7 +46,9 @@ def apply(gm: GraphModule, plan: Plan, rule: str, *, rule_ops: bool = True) -> i
             _replace_operand(g, node, index, lambda x: _scaled_grad(g, x, 0.5))
     for node, kind in plan.activations:
         if not rule_ops:
-            _identity_region(g, node.args[0], node)
+            with g.inserting_before(node):
+                new = call(g, identity_rule, node.args[0], kind, LRP_EPS)
+            _swap(g, node, new)
             continue
         with g.inserting_before(node):
             new = call(g, torch.ops.attnfx.lrp_act.default, node.args[0], kind, LRP_EPS)
@@ -54,6 +56,27 @@ def apply(gm: GraphModule, plan: Plan, rule: str, *, rule_ops: bool = True) -> i
     for root, out in plan.regions:
         _identity_region(g, root, out)
     return len(plan.norms) + len(plan.sdpa) + len(plan.products) + len(plan.activations) + len(plan.regions)
+
+
+class _IdentityRule(torch.autograd.Function):
+    """f(x), with the backward grad · f(x) / stab(x) computed from x alone (what the plain
+    backward of f keeps too), so Inductor saves nothing more than it would for f."""
+
+    @staticmethod
+    def forward(ctx, x, kind: str, eps: float):
+        ctx.save_for_backward(x)
+        ctx.kind, ctx.eps = kind, eps
+        return lrp_rules.ACTIVATIONS[kind](x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return lrp_rules.act_backward_reference(grad, x, ctx.kind, ctx.eps), None, None
+
+
+def identity_rule(x, kind: str, eps: float):
+    """attnfx::lrp_act's math in plain torch ops (traced into Inductor's graph)."""
+    return _IdentityRule.apply(x, kind, eps)
 
 
 def _swap(g, old: Node, new: Node) -> None:
