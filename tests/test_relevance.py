@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from hypothesis import given, settings, strategies as st
 from torch._dynamo.utils import counters
 
 import attnfx
@@ -14,7 +15,7 @@ from attnfx import lrp_plan
 from attnfx.analysis.lrp_explicit import explicit_relevance
 from attnfx.errors import InvalidArgumentError, RelevanceLeakError, RelevanceLeakWarning, ShapeMismatchError
 from attnfx.passes import lrp
-from models import FAMILIES, PlainTransformer, build, output_tensor
+from models import FAMILIES, PlainTransformer, build, configs, output_tensor
 
 RULES = ("attnlrp", "cp-lrp")
 
@@ -278,3 +279,20 @@ def test_repeated_relevance_compiles_once():
     for x in inputs[1:]:
         attnfx.relevance(im, x, 5, rule="attnlrp")
     assert counters["attnfx"]["graphs_compiled"] == before
+
+
+@settings(max_examples=4)
+@given(data=st.data())
+@pytest.mark.parametrize("family", ["llama", "gpt2", "plain_handwritten"])
+def test_efficient_pass_equals_the_explicit_rules_over_configs(family, data):
+    """Hypothesis over layers, heads, kv heads, head dims and attention implementations."""
+    config = data.draw(configs(FAMILIES[family]))
+    seq = data.draw(st.integers(1, 12))
+    model = build(FAMILIES[family], **config).double()
+    ids = torch.randint(1, 60, (2, seq), generator=torch.Generator().manual_seed(seq))
+    want = explicit_relevance(model, {"input_ids": ids}, _target(family))
+    im = attnfx.instrument(model, example_inputs={"input_ids": ids} if family.startswith("plain") else None)
+    got = attnfx.relevance(im, {"input_ids": ids}, _target(family), check=True)
+    im.uninstrument()
+    for name, value in (("tokens", got.tokens), ("heads", got.heads_per_position), ("resid", got.residual)):
+        _close(value, want[name])
