@@ -17,6 +17,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from .calls import as_call as _as_call
 from .capture.backend import BACKENDS, MODES
 from .capture.context import calling
 from .errors import (AlreadyInstrumentedError, DetachedError, DeviceMismatchError,
@@ -86,14 +87,6 @@ def _default_example_inputs(model):
     vocab = getattr(model.config, "vocab_size", None) or 4
     ids = torch.arange(1, 5, device=_model_device(model))[None] % vocab
     return {"input_ids": ids}
-
-
-def _as_call(inputs) -> tuple[tuple, dict]:
-    if isinstance(inputs, dict):
-        return (), dict(inputs)
-    if isinstance(inputs, tuple):
-        return inputs, {}
-    return (inputs,), {}
 
 
 def _fingerprint(model) -> tuple:

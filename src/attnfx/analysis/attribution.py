@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..calls import as_call, batch_and_length
 from ..errors import InvalidArgumentError, ShapeMismatchError, UnsupportedModelError
 
 
@@ -32,13 +33,6 @@ def _per_example(value, batch: int, what: str) -> torch.Tensor:
     return torch.tensor(value)
 
 
-def _batch_size(args, kwargs) -> int:
-    for value in list(args) + list(kwargs.values()):
-        if isinstance(value, torch.Tensor) and value.dim() >= 2:
-            return int(value.shape[0])
-    raise InvalidArgumentError("could not find a batched tensor input ([batch, seq, ...]) in inputs")
-
-
 def _unembed_rows(weight: torch.Tensor, layout: str, tokens: torch.Tensor) -> torch.Tensor:
     return weight[tokens] if layout == "out_in" else weight[:, tokens].T
 
@@ -47,8 +41,6 @@ def head_attribution(im, inputs, target, foil=None, position=-1, *, reduce: str 
     """Direct logit attribution of every head: [L, H] (reduce="mean" or "sum" over the batch) or
     [b, L, H] (reduce="none"). target/foil: a token id or one per example; position: an int or one
     per example (e.g. the last real token of each padded row)."""
-    from ..api import _as_call
-
     if reduce not in ("mean", "sum", "none"):
         raise InvalidArgumentError(f"reduce must be 'mean', 'sum' or 'none', got {reduce!r}")
     norm = im.final_norm
@@ -56,8 +48,8 @@ def head_attribution(im, inputs, target, foil=None, position=-1, *, reduce: str 
         raise UnsupportedModelError(
             f"{type(im.model).__name__}: no final LayerNorm/RMSNorm → linear unembedding was found, "
             "so logits cannot be attributed to heads directly")
-    args, kwargs = _as_call(inputs)
-    batch = _batch_size(args, kwargs)
+    args, kwargs = as_call(inputs)
+    batch = batch_and_length(args, kwargs)[0]
     targets = _per_example(target, batch, "target")
     foils = _per_example(foil, batch, "foil") if foil is not None else None
     positions = _per_example(position, batch, "position")

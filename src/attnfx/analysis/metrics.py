@@ -46,6 +46,11 @@ def _pick(logits_at: torch.Tensor, tokens, what: str) -> torch.Tensor:
     return logits_at[torch.arange(b, device=logits_at.device), ids]
 
 
+def logit(token, position=-1) -> Metric:
+    """logit[token] at `position`."""
+    return lambda logits: _pick(_at(logits, position), token, "target")
+
+
 def logit_diff(correct, incorrect, position=-1) -> Metric:
     """logit[correct] − logit[incorrect] at `position`."""
     def metric(logits):

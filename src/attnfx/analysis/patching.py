@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from ..calls import as_call as _call, batch_and_length as _shape_of, logits_of
 from ..errors import InvalidArgumentError, ShapeMismatchError
 from ..passes.probe import HEAD_KINDS
 from ..probing import Probing, relevance_dtype, state_shape
@@ -53,23 +54,6 @@ class PatchingResult:
         """Write the scores as a heatmap (PNG) to `path`."""
         from ..viz import patching_heatmap
         return patching_heatmap(self, path, title=title)
-
-
-def _call(inputs) -> tuple[tuple, dict]:
-    from ..api import _as_call
-    return _as_call(inputs)
-
-
-def _shape_of(args, kwargs) -> tuple[int, int]:
-    from .relevance import _batch_and_length
-    return _batch_and_length(args, kwargs)
-
-
-def logits_of(outputs) -> torch.Tensor:
-    logits = outputs if isinstance(outputs, torch.Tensor) else getattr(outputs, "logits", None)
-    if not isinstance(logits, torch.Tensor):
-        raise InvalidArgumentError("patching needs logits among the model's outputs (a tensor or .logits)")
-    return logits
 
 
 def _check(im, clean, corrupt, component: str):

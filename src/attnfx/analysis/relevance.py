@@ -20,9 +20,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..calls import as_call, batch_and_length, logits_of
 from ..errors import InvalidArgumentError, RelevanceLeakError, RelevanceLeakWarning, ShapeMismatchError
 from ..probing import Probing, relevance_dtype, state_shape
 from ..spec import RULES, Spec, gate_name
+from . import metrics
 
 
 @dataclass
@@ -68,18 +70,16 @@ def relevance(im, inputs, target, *, rule: str = "attnlrp", foil=None, position=
     `.leaks` with a RelevanceLeakWarning; check=True raises RelevanceLeakError instead.
     `components` limits the work to some of "tokens", "heads", "attn", "mlp", "residual" (the
     others come back None): each gated component keeps its activation for the backward."""
-    from ..api import _as_call
-
     if rule not in RULES:
         raise InvalidArgumentError(f"rule must be one of {RULES}, got {rule!r}")
     unknown = [c for c in components if c not in COMPONENTS]
     if unknown or not components:
         raise InvalidArgumentError(f"components must be among {tuple(COMPONENTS)}, got {tuple(components)}")
     kinds = tuple(kind for name, kind in COMPONENTS.items() if name in components)
-    args, kwargs = _as_call(inputs)
+    args, kwargs = as_call(inputs)
     if im._sites is None:
         im._discover(args, kwargs)
-    batch, seq = _batch_and_length(args, kwargs)
+    batch, seq = batch_and_length(args, kwargs)
     target_fn = _target_function(target, foil, position, batch)
     dtype = relevance_dtype(im.model)
     gates = {gate_name(kind): torch.ones(state_shape(im, kind, batch, seq, per_dim=False), dtype=dtype,
@@ -119,51 +119,26 @@ def _component(grads, gates, probing: Probing, kind: str) -> torch.Tensor | None
     return grad.permute(1, 2, 0, 3) if kind == "heads" else grad.permute(1, 2, 0)
 
 
-def _batch_and_length(args, kwargs) -> tuple[int, int]:
-    for value in [kwargs.get("input_ids"), kwargs.get("inputs_embeds"), *args, *kwargs.values()]:
-        if isinstance(value, torch.Tensor) and value.dim() >= 2:
-            return int(value.shape[0]), int(value.shape[1])
-    raise InvalidArgumentError("could not find a [batch, seq, ...] tensor among the inputs")
-
-
-def _logits(outputs) -> torch.Tensor:
-    logits = outputs if isinstance(outputs, torch.Tensor) else getattr(outputs, "logits", None)
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
-        raise InvalidArgumentError("a token target needs [batch, seq, vocab] logits among the outputs; "
-                                   "pass a callable target(outputs) -> [batch] for other models")
-    return logits
-
-
 def _target_function(target, foil, position, batch: int) -> Callable:
+    """outputs → [b]: a callable as given, else a weighted sum of logits (metrics.logit)."""
     if callable(target):
         return lambda out: _as_batch(target(out), batch)
     if isinstance(target, dict):
-        weights = {int(t): float(w) for t, w in target.items()}
-        return lambda out: sum(w * _logit_at(out, position, t) for t, w in weights.items())
-    if isinstance(target, Sequence) and not isinstance(target, str) and target and \
+        terms = [(metrics.logit(int(t), position), float(w)) for t, w in target.items()]
+    elif isinstance(target, Sequence) and not isinstance(target, str) and target and \
             isinstance(target[0], Sequence):
-        terms = [(int(p), int(t), float(rest[0]) if rest else 1.0) for p, t, *rest in target]
-        return lambda out: sum(w * _logit_at(out, p, t) for p, t, w in terms)
-    if isinstance(target, bool) or not isinstance(target, int):
+        terms = [(metrics.logit(int(t), int(p)), float(rest[0]) if rest else 1.0) for p, t, *rest in target]
+    elif isinstance(target, int) and not isinstance(target, bool):
+        terms = [(metrics.logit(target, position), 1.0)] + ([(metrics.logit(int(foil), position), -1.0)]
+                                                             if foil is not None else [])
+    else:
         raise InvalidArgumentError(f"target must be a token id, a {{token: weight}} dict, a list of "
                                    f"(position, token[, weight]) or a callable; got {type(target).__name__}")
-    if foil is None:
-        return lambda out: _logit_at(out, position, target)
-    return lambda out: _logit_at(out, position, target) - _logit_at(out, position, int(foil))
-
-
-def _logit_at(outputs, position, token: int) -> torch.Tensor:
-    logits = _logits(outputs)
-    b, t, vocab = logits.shape
-    if not 0 <= token < vocab:
-        raise InvalidArgumentError(f"token ids must be in [0, {vocab}), got {token}")
-    positions = torch.as_tensor(position, device=logits.device).reshape(-1).expand(b) % t
-    picked = logits[torch.arange(b, device=logits.device), positions, token]
-    return picked if picked.dtype == torch.float64 else picked.float()
+    return lambda out: sum(weight * metric(logits_of(out)) for metric, weight in terms)
 
 
 def _as_batch(value, batch: int) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise InvalidArgumentError(f"target(outputs) must return a tensor, got {type(value).__name__}")
-    value = value if value.dtype == torch.float64 else value.float()
+    value = metrics.wide(value)
     return value.reshape(batch) if value.numel() == batch else value
