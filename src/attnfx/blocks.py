@@ -19,16 +19,20 @@ import torch
 import torch.nn.functional as F
 from torch.fx import Graph, Node
 
-from .norms import as_norm, skip_casts
+from .norms import PASS_METHODS, as_norm, skip_casts
 from .sites import AttentionSite, _is_call, _is_view_like, _shape, _walk_back
 
 ACTIVATION_FNS = {F.gelu, F.silu, F.relu, torch.relu, torch.tanh, torch.sigmoid, F.sigmoid, F.mish,
                   F.softplus, torch.erf, F.tanh}
 ACTIVATION_METHODS = {"tanh", "sigmoid", "relu", "erf"}
-_ELEMENTWISE = {operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, torch.add, torch.sub,
-                torch.mul, torch.div, torch.pow, F.dropout, torch.neg}
-_ELEMENTWISE_METHODS = {"add", "sub", "mul", "div", "pow", "to", "float", "half", "bfloat16", "type", "neg",
-                        "__add__", "__mul__", "__radd__", "__rmul__", "__truediv__", "contiguous"}
+# Elementwise arithmetic and casts (in-place forms too): what lies between an activation function
+# and the projection that reads it, and what the LRP plan groups into regions.
+ELEMENTWISE_FNS = {operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.iadd,
+                   operator.isub, operator.imul, operator.itruediv, torch.add, torch.sub, torch.mul, torch.div,
+                   torch.neg, torch.pow, F.dropout}
+ELEMENTWISE_METHODS = PASS_METHODS | {"add", "sub", "mul", "div", "neg", "pow", "clone", "add_", "sub_", "mul_",
+                                      "div_", "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__",
+                                      "__truediv__", "__neg__"}
 _LINEAR = (F.linear, torch._C._nn.linear)
 
 
@@ -73,7 +77,7 @@ def _feeds_only_projections(node: Node) -> bool:
         if user in seen:
             continue
         seen.add(user)
-        if _is_call(user, (), {"to", "float", "type", "contiguous", "half", "bfloat16"}) or _is_view_like(user):
+        if _is_call(user, (), PASS_METHODS) or _is_view_like(user):
             frontier.extend(user.users)
         elif projection_input(user) is None:
             return False
@@ -102,7 +106,7 @@ def _reads_activation(node: Node, steps: int = 24) -> bool:
         seen.add(n)
         if is_activation(n):
             return True
-        if _is_call(n, _ELEMENTWISE, _ELEMENTWISE_METHODS) or _is_view_like(n):
+        if _is_call(n, ELEMENTWISE_FNS, ELEMENTWISE_METHODS) or _is_view_like(n):
             frontier.extend(a for a in n.args if isinstance(a, Node))
     return False
 

@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch.fx import Graph, Node
 
-from .blocks import ACTIVATION_FNS, ACTIVATION_METHODS
+from .blocks import ACTIVATION_FNS, ACTIVATION_METHODS, ELEMENTWISE_FNS, ELEMENTWISE_METHODS
 from .norms import Norm, find_norms
 from .ops import attention as _registers_the_op  # noqa: F401  (torch.ops.attnfx.attention)
-from .sites import AttentionSite, _is_call, _is_view_like
+from .sites import AttentionSite, _is_call, _is_view_like, example_value
 
 _SDPA = (F.scaled_dot_product_attention,)
 _PRODUCTS_FN = {operator.mul, operator.imul, torch.mul, torch.matmul, operator.matmul, torch.bmm, torch.einsum,
@@ -84,8 +84,8 @@ def _node_args(node: Node) -> list[tuple[int, Node]]:
 
 
 def _is_float(node: Node) -> bool:
-    val = node.meta.get("example_value", node.meta.get("val"))
-    return not isinstance(val, torch.Tensor) or val.is_floating_point()
+    val = example_value(node)
+    return val is None or val.is_floating_point()
 
 
 def _named_kind(node: Node) -> str | None:
@@ -107,12 +107,7 @@ def _is_grouped_mm(node: Node) -> bool:
 
 def _is_elementwise(node: Node) -> bool:
     return (_is_call(node, _NONLINEAR_FN, _NONLINEAR_METHODS) or _named_kind(node) is not None
-            or _is_call(node, {operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, torch.add,
-                               torch.sub, torch.mul, torch.div, torch.neg, F.dropout, operator.iadd, operator.isub,
-                               operator.imul, operator.itruediv},
-                        {"add", "sub", "mul", "div", "neg", "to", "float", "half", "bfloat16", "double", "type",
-                         "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__truediv__",
-                         "__neg__", "contiguous", "clone", "add_", "sub_", "mul_", "div_"}))
+            or _is_call(node, ELEMENTWISE_FNS, ELEMENTWISE_METHODS))
 
 
 def _is_nonlinear(node: Node, activation_operands: tuple[int, ...]) -> bool:
@@ -122,6 +117,13 @@ def _is_nonlinear(node: Node, activation_operands: tuple[int, ...]) -> bool:
     if _is_call(node, _DIVISIONS_FN, _DIVISIONS_METHODS):
         return 1 in activation_operands
     return _is_call(node, _PRODUCTS_FN, _PRODUCTS_METHODS) and len(activation_operands) > 1
+
+
+def activation_sources(graph: Graph, user_inputs: set[Node]) -> set[Node]:
+    """Where relevance lives: embedding lookups and float user inputs (inputs_embeds)."""
+    lookups = {n for n in graph.nodes if _is_call(n, (F.embedding,))}
+    floats = {n for n in user_inputs if (v := example_value(n)) is not None and v.is_floating_point()}
+    return lookups | floats
 
 
 def plan(graph: Graph, sources: set[Node], sites: list[AttentionSite], rule: str,

@@ -265,9 +265,7 @@ def explicit_relevance(model, inputs: dict, target_fn, rule: str = "attnlrp") ->
         user = {n for n, v in zip(placeholders, example_inputs) if id(v) not in params}
         sites, _ = find_sites(gm.graph)
         blocks = find_blocks(gm.graph, sites, user)
-        sources = {n for n in gm.graph.nodes if n.op == "call_function" and n.target is F.embedding}
-        sources |= {n for n in user if isinstance(n.meta.get("example_value"), torch.Tensor)
-                    and n.meta["example_value"].is_floating_point()}
+        sources = lrp_plan.activation_sources(gm.graph, user)
         plan = lrp_plan.plan(gm.graph, sources, sites, rule)
         taps: dict[Node, list] = {}
         for key, node in [("tokens", blocks.tokens)] + [

@@ -3,12 +3,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
 from .. import lrp_plan
 from ..blocks import find_blocks
-from ..sites import AttentionSite, _is_call, example_value
+from ..sites import AttentionSite
 from ..spec import Spec
 from . import lower as lowering, lrp, probe, record, steer
 
@@ -39,16 +38,10 @@ def rewrite(gm: GraphModule, sites: list[tuple[int, AttentionSite]], spec: Spec,
     if spec.touches() and spec.rule != "gradient":
         output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
         model_outputs = [a for a in output.args[0][:len(output.args[0]) - len(out.record_keys)] if isinstance(a, Node)]
-        plan = lrp_plan.plan(gm.graph, _activation_sources(gm, user_inputs), found, spec.rule, model_outputs)
+        plan = lrp_plan.plan(gm.graph, lrp_plan.activation_sources(gm.graph, user_inputs), found, spec.rule, model_outputs)
         out.lrp_rewrites = lrp.apply(gm, plan, spec.rule, rule_ops=rule_ops)
         out.leaks = plan.leaks
     gm.graph.lint()
     gm.recompile()
     return out
 
-
-def _activation_sources(gm: GraphModule, user_inputs: set[Node]) -> set[Node]:
-    """Where relevance lives: embedding lookups and float user inputs (inputs_embeds)."""
-    lookups = {n for n in gm.graph.nodes if _is_call(n, (F.embedding,))}
-    floats = {n for n in user_inputs if (v := example_value(n)) is not None and v.is_floating_point()}
-    return lookups | floats

@@ -17,6 +17,7 @@ from __future__ import annotations
 import operator
 
 import torch
+import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
 from ..lrp_plan import Plan
@@ -35,7 +36,7 @@ def apply(gm: GraphModule, plan: Plan, rule: str, *, rule_ops: bool = True) -> i
     can fuse them and recompute them in the backward rather than save what an opaque op returns."""
     g = gm.graph
     for norm in plan.norms:
-        _norm(g, norm) if rule_ops or not norm.fused else _norm_in_torch(g, norm)
+        _norm(g, norm, rule_ops)
     for node in plan.sdpa:
         _attention(g, node, rule)
     for node, index in plan.detach:                 # CP-LRP's q, k of hand-written attention; divisors
@@ -44,23 +45,22 @@ def apply(gm: GraphModule, plan: Plan, rule: str, *, rule_ops: bool = True) -> i
     for node, indices in plan.products:
         for index in indices:
             _replace_operand(g, node, index, lambda x: _scaled_grad(g, x, 0.5))
+    act = torch.ops.attnfx.lrp_act.default if rule_ops else identity_rule
     for node, kind in plan.activations:
-        if not rule_ops:
-            with g.inserting_before(node):
-                new = call(g, identity_rule, node.args[0], kind, LRP_EPS)
-            _swap(g, node, new)
-            continue
         with g.inserting_before(node):
-            new = call(g, torch.ops.attnfx.lrp_act.default, node.args[0], kind, LRP_EPS)
+            new = call(g, act, node.args[0], kind, LRP_EPS)
         _swap(g, node, new)
     for root, out in plan.regions:
         _identity_region(g, root, out)
     return len(plan.norms) + len(plan.sdpa) + len(plan.products) + len(plan.activations) + len(plan.regions)
 
 
+# Under Inductor the rules are autograd functions over plain torch ops (the ops' references):
+# traced into the graph, their backwards recompute from x alone what the plain backward keeps too,
+# so the partitioner saves nothing more than it would for the model (an opaque op's output must be
+# saved; detached ratios made it save one [b, t, d_ff] per layer).
 class _IdentityRule(torch.autograd.Function):
-    """f(x), with the backward grad · f(x) / stab(x) computed from x alone (what the plain
-    backward of f keeps too), so Inductor saves nothing more than it would for f."""
+    """f(x); backward grad · f(x) / stab(x)."""
 
     @staticmethod
     def forward(ctx, x, kind: str, eps: float):
@@ -75,8 +75,30 @@ class _IdentityRule(torch.autograd.Function):
 
 
 def identity_rule(x, kind: str, eps: float):
-    """attnfx::lrp_act's math in plain torch ops (traced into Inductor's graph)."""
     return _IdentityRule.apply(x, kind, eps)
+
+
+class _FrozenSigmaNorm(torch.autograd.Function):
+    """The fused norm; backward with σ held constant."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps: float, kind: str):
+        ctx.save_for_backward(x, weight)
+        ctx.eps, ctx.kind = eps, kind
+        if kind == "layer_norm":
+            return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad_x, grad_w, grad_b = lrp_rules.norm_backward_reference(grad, x, weight, ctx.eps, ctx.kind)
+        grad_w = grad_w if weight is not None else None
+        return grad_x, grad_w, (grad_b if ctx.kind == "layer_norm" else None), None, None
+
+
+def frozen_sigma_norm(x, weight, bias, eps: float, kind: str):
+    return _FrozenSigmaNorm.apply(x, weight, bias, eps, kind)
 
 
 def _swap(g, old: Node, new: Node) -> None:
@@ -103,7 +125,7 @@ def _replace_operand(g, node: Node, index: int, make) -> None:
             node.update_kwarg(name, make(node.kwargs[name]))
 
 
-def _norm(g, norm) -> None:
+def _norm(g, norm, rule_ops: bool) -> None:
     if not norm.fused:
         scale = norm.scale
         users = list(scale.users)
@@ -113,33 +135,13 @@ def _norm(g, norm) -> None:
             user.replace_input_with(scale, frozen)
         return
     with g.inserting_before(norm.output):
-        if norm.kind == "layer_norm":
+        if not rule_ops:
+            new = call(g, frozen_sigma_norm, norm.input, norm.weight, norm.bias, norm.eps, norm.kind)
+        elif norm.kind == "layer_norm":
             new = call(g, torch.ops.attnfx.lrp_layer_norm.default, norm.input, norm.weight, norm.bias, norm.eps)
         else:
             new = call(g, torch.ops.attnfx.lrp_rms_norm.default, norm.input, norm.weight, norm.eps)
     _swap(g, norm.output, new)
-
-
-def _norm_in_torch(g, norm) -> None:
-    """The fused norm's value, with the gradient of (x − mean x) / σ̄ · γ (σ̄ detached; no mean for RMS)."""
-    out = norm.output
-    users = list(out.users)
-    dtype = example_value(out).dtype
-    wide = torch.promote_types(dtype, torch.float32)
-    with g.inserting_before(out.next):
-        x = call(g, "to", norm.input, wide)
-        if norm.kind == "layer_norm":
-            x = call(g, operator.sub, x, call(g, "mean", x, -1, keepdim=True))
-        power = call(g, "mean", call(g, operator.mul, x, x), -1, keepdim=True)
-        sigma = call(g, "detach", call(g, torch.sqrt, call(g, operator.add, power, norm.eps)))
-        lin = call(g, operator.truediv, x, sigma)
-        if norm.weight is not None:
-            lin = call(g, operator.mul, lin, call(g, "to", norm.weight, wide))
-        delta = call(g, operator.sub, lin, call(g, "detach", lin))
-        new = call(g, operator.add, call(g, "detach", out), call(g, "to", delta, dtype))
-    for user in users:
-        user.replace_input_with(out, new)
-    new.meta.update(out.meta)
 
 
 def _attention(g, node: Node, rule: str) -> None:
