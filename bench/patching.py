@@ -27,7 +27,6 @@ patching_graddrop.png (AtP* scores vs |exact|), patching_cost.png (time and pass
 """
 from __future__ import annotations
 
-import math
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel

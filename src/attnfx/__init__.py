@@ -11,7 +11,7 @@ from .backends import set_backend
 from .errors import *  # noqa: F401,F403  (typed errors are part of the public surface)
 from .sites import PATTERNS
 
-__all__ = ["instrument", "InstrumentedModel", "SiteInfo", "FinalNormInfo", "PATTERNS", "errors",
+__all__ = ["instrument", "InstrumentedModel", "SiteInfo", "FinalNormInfo", "PATTERNS", "errors", "set_backend",
            "head_attribution", "relevance", "patching", "metrics"]
 __version__ = "0.1.0"
 

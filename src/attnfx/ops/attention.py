@@ -48,14 +48,10 @@ def attention_backend(device: torch.device) -> str:
     return backends.choose("attention", device)
 
 
-def _kernels(device: torch.device):
-    import os
-
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise InvalidArgumentError(
-            f"the Triton attention backend on {device.type} needs TRITON_INTERPRET=1 set before triton is "
-            "imported (Triton's CPU interpreter, fp32/fp16 only); or use set_attention_backend('reference')")
-    from attnfx.kernels import attention as kernels       # imports triton: only when it is used
+def _kernels():
+    """The Triton kernels (imports triton: only when used). backends.choose has already refused
+    Triton on CPU without TRITON_INTERPRET=1."""
+    from attnfx.kernels import attention as kernels
 
     return kernels
 
@@ -96,7 +92,7 @@ def _forward(q, k, v, key_mask, head_scale, directions, spans, causal, sm_scale,
     kw = dict(causal=causal, key_mask=key_mask, sm_scale=sm_scale, head_scale=head_scale,
               directions=directions, spans=spans)
     if backend == "triton":
-        out = _kernels(q.device).attention_fwd(q, k, v, traceable=traceable, **kw)
+        out = _kernels().attention_fwd(q, k, v, traceable=traceable, **kw)
     else:
         out = reference.attention(q, k, v, **kw)
     readout, mass = _empty_extras(q, directions, spans)
@@ -149,7 +145,7 @@ def _backward(ctx, grad_o, grad_lse, grad_readout, grad_mass):
 
 def _backward_impl(grad_z, q, k, v, o, lse, key_mask, delta, causal, sm_scale, lrp, *, traceable):
     if attention_backend(q.device) == "triton":
-        dq, dk, dv, _ = _kernels(q.device).attention_bwd(grad_z, q, k, v, o, lse, causal=causal, key_mask=key_mask,
+        dq, dk, dv, _ = _kernels().attention_bwd(grad_z, q, k, v, o, lse, causal=causal, key_mask=key_mask,
                                                          sm_scale=sm_scale, lrp=lrp, delta=delta, traceable=traceable)
         return dq, dk, dv
     return reference.attention_backward(grad_z, q, k, v, causal=causal, key_mask=key_mask, sm_scale=sm_scale, lrp=lrp)
