@@ -161,7 +161,7 @@ def test_compiled_patching_equals_eager():
                         patching.relp(im, clean, corrupt, metric, "mlp")))
         im.uninstrument()
     for a, b in zip(*results):
-        torch.testing.assert_close(b.scores, a.scores, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(b.scores, a.scores, rtol=TOL[torch.float32], atol=TOL[torch.float32])
 
 
 def test_metrics():
