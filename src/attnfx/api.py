@@ -9,6 +9,7 @@ outputs. The wrapped model is never modified; its parameters are shared.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import types
 import weakref
@@ -20,6 +21,7 @@ from torch import nn
 from .calls import as_call as _as_call
 from .capture.backend import BACKENDS, MODES
 from .capture.context import calling
+from .capture.logging_calls import tolerant_logging
 from .errors import (AlreadyInstrumentedError, DetachedError, DeviceMismatchError,
                      InvalidArgumentError, NoAttentionFoundError, NotDiscoveredError,
                      UninstrumentedExecutionError, UnsupportedModelError)
@@ -178,10 +180,13 @@ class InstrumentedModel(nn.Module):
         had_own = "forward" in model.__dict__
         previous = model.__dict__.get("forward")
 
+        @functools.wraps(self._model_forward)
         def forward(*a, **k):
             return self._call(a, k)
 
-        model.forward = forward          # generate() calls self(...) → forward; restored below
+        # generate() calls self(...) → forward, and reads forward's signature to decide what to
+        # pass (position_ids, attention_mask, logits_to_keep): wraps keeps the model's own.
+        model.forward = forward
         try:
             return model.generate(*args, **kwargs)
         finally:
@@ -264,7 +269,7 @@ class InstrumentedModel(nn.Module):
         if spec is not self._spec:
             self._set_spec(spec)
         key = (self._spec_key, _call_signature(args, kwargs))
-        with calling(self) as ctx:
+        with calling(self) as ctx, tolerant_logging():
             out = self._compiled_for(key)(*args, **kwargs)
         try:
             self._verify(ctx)
@@ -296,7 +301,7 @@ class InstrumentedModel(nn.Module):
         self._set_spec(DISCOVER)
         key = (self._spec_key, _call_signature(args, kwargs))
         try:
-            with calling(self) as ctx, torch.no_grad():
+            with calling(self) as ctx, torch.no_grad(), tolerant_logging():
                 self._compiled_for(key)(*args, **kwargs)
         finally:
             self._set_spec(PLAIN)

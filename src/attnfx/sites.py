@@ -223,17 +223,17 @@ def _score_matmul(softmax_in: Node) -> Node | None:
 
 
 def _value_matmul(softmax: Node) -> Node | None:
-    """Walk forward from the softmax through casts/dropout to the A @ v matmul."""
+    """Walk forward from the softmax through casts/dropout to the A @ v matmul. Other users of
+    the probabilities (returned as `output_attentions`, say) only read them."""
     node = softmax
     for _ in range(6):
-        users = list(node.users)
-        if len(users) != 1:
+        onward = [u for u in node.users if (_is_call(u, _MATMULS, ("matmul",)) and u.args[0] is node)
+                  or _is_call(u, (F.dropout,), _CAST_METHODS)]
+        if len(onward) != 1:
             return None
-        user = users[0]
-        if _is_call(user, _MATMULS, ("matmul",)) and user.args[0] is node:
+        user = onward[0]
+        if _is_call(user, _MATMULS, ("matmul",)):
             return user
-        if not _is_call(user, (F.dropout,), _CAST_METHODS):
-            return None
         node = user
     return None
 
