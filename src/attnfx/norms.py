@@ -86,6 +86,23 @@ def as_norm(node) -> Norm | None:
     return _fused_norm(node) or _handwritten_rms(node)
 
 
+def _inactive_dropout(node) -> bool:
+    """F.dropout(x, p, training=False) or with p = 0: the identity (eval mode, BERT's embeddings)."""
+    if not _is_call(node, (F.dropout,)):
+        return False
+    return _arg(node, 2, "training", True) is False or _arg(node, 1, "p", 0.5) == 0
+
+
+def norm_feeding(node) -> Norm | None:
+    """The norm whose output reaches `node` unchanged (through casts, views and inactive dropout):
+    the norm in front of a projection, say."""
+    while True:
+        node = skip_casts(node)
+        if not _inactive_dropout(node):
+            return as_norm(node)
+        node = node.args[0]
+
+
 def find_norms(graph: Graph) -> list[Norm]:
     """Every LayerNorm / RMSNorm of the graph, in graph order."""
     return [norm for node in graph.nodes if (norm := _fused_norm(node) or _handwritten_rms(node)) is not None]

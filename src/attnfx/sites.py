@@ -39,6 +39,18 @@ _SOFTMAXES = {torch.softmax, F.softmax, torch.nn.functional.softmax}
 
 
 @dataclass
+class Projection:
+    """An affine projection y = x·W (+ b) of the graph: F.linear (W is [out, in]), addmm or
+    matmul (W is [in, out])."""
+
+    node: Node
+    input: Node
+    weight: Node
+    layout: str                     # "out_in" | "in_out"
+    bias: Node | None
+
+
+@dataclass
 class AttentionSite:
     """One attention computation: z = attention(q, k, v) with z of shape [b, H, t, d]."""
 
@@ -63,7 +75,8 @@ class AttentionSite:
     scores: Node | None = None      # hand-written attention: the softmax's input (masked logits)
     kv_heads_read: int = 0          # heads of k and v as the attention reads them (after any repeat)
     v_bias: Node | None = None      # bias of the projection that produces v, if any
-    v_bias_chain: list[Node] = field(default_factory=list)  # producer output → pre-cache v
+    v_bias_chain: list[Node] = field(default_factory=list)  # v_proj output → pre-cache v (replayed on b_V, κ)
+    v_proj: Projection | None = None  # the affine projection that produces v, if found
 
 
 def example_value(node) -> torch.Tensor | None:
@@ -144,38 +157,47 @@ def _count_kv_heads(k: Node, num_heads: int, head_dim: int) -> int:
     return min(c for c in counts if c > 0 and num_heads % c == 0)
 
 
-def _affine_bias(node: Node) -> Node | None:
-    """The bias operand when node = linear(x, W, b) / addmm(b, x, W) / matmul(x, W) + b."""
-    if _is_call(node, (F.linear, torch._C._nn.linear)):
+def _matrix(node) -> bool:
+    shape = _shape(node)
+    return isinstance(node, Node) and shape is not None and len(shape) == 2
+
+
+def _projection(node: Node) -> Projection | None:
+    """node = linear(x, W, b) / addmm(b, x, W) / matmul(x, W) (+ b), with a 2-D W and a 1-D b:
+    a plain projection of x's last axis (a batched matmul is not one)."""
+    if _is_call(node, (F.linear, torch._C._nn.linear)) and _matrix(node.args[1]):
         bias = _arg(node, 2, "bias")
-        return bias if isinstance(bias, Node) else None
-    if _is_call(node, (torch.addmm,)):
-        return node.args[0] if isinstance(node.args[0], Node) else None
+        return Projection(node, node.args[0], node.args[1], "out_in", bias if isinstance(bias, Node) else None)
+    if _is_call(node, (torch.addmm,)) and _matrix(node.args[2]):
+        bias = node.args[0]
+        return Projection(node, node.args[1], node.args[2], "in_out", bias if isinstance(bias, Node) else None)
+    if _is_call(node, _MATMULS, ("matmul",)) and _matrix(node.args[1]):
+        return Projection(node, node.args[0], node.args[1], "in_out", None)
     if _is_call(node, (operator.add, torch.add), ("add", "__add__")) and len(node.args) == 2:
         a, b = node.args
         for mm, bias in ((a, b), (b, a)):
-            if _is_call(mm, _MATMULS, ("matmul",)) and isinstance(bias, Node):
-                bshape = _shape(bias)
-                if bshape is not None and len(bshape) == 1:
-                    return bias
+            bshape = _shape(bias)
+            if isinstance(mm, Node) and bshape is not None and len(bshape) == 1:
+                inner = _projection(mm) if _is_call(mm, _MATMULS, ("matmul",)) else None
+                if inner is not None:
+                    return Projection(node, inner.input, inner.weight, "in_out", bias)
     return None
 
 
-def _value_bias_chain(v: Node) -> tuple[Node | None, list[Node]]:
-    """Bias of v's producing projection, and the view chain from that producer to the value
-    tensor as the layer made it (before any KV-cache concatenation): replaying the chain on
-    the bias yields the per-head bias b_V in v's layout."""
+def _value_projection(v: Node) -> tuple[Projection | None, list[Node]]:
+    """v's producing projection, and the view chain from its output to the value tensor as the
+    layer made it (before any KV-cache concatenation): replaying the chain on a vector laid out
+    like the projection's output (its bias, say) yields that vector per head, in v's layout."""
     path = list(_walk_back(v))
-    producer = path[-1]
-    bias = _affine_bias(producer)
-    if bias is None:
+    proj = _projection(path[-1])
+    if proj is None:
         return None, []
     chain = []
     for node in reversed(path[:-1]):      # producer's user first
         if _is_seq_cat(node):
             break
         chain.append(node)
-    return bias, chain
+    return proj, chain
 
 
 def _output_projection(z: Node, num_heads: int, head_dim: int):
@@ -325,6 +347,7 @@ def find_sites(graph: Graph) -> tuple[list[AttentionSite], list[str]]:
             causal=causal, masked=masked, scale=scale, scores=scores,
             kv_heads_read=int(_shape(k)[1]) if _shape(k) is not None and len(_shape(k)) == 4 else num_heads)
         site.o_node, site.o_weight, site.o_layout, site.o_bias = _output_projection(attn, num_heads, head_dim)
-        site.v_bias, site.v_bias_chain = _value_bias_chain(v)
+        site.v_proj, site.v_bias_chain = _value_projection(v)
+        site.v_bias = site.v_proj.bias if site.v_proj is not None else None
         sites.append(site)
     return sites, notes

@@ -4,19 +4,26 @@ For layer l with H query heads, Hkv kv heads and z = attention(q, k, v):
 
     q  ← q · q_scale[l, h]                                 (SHIPS; equal to scaling before RoPE,
                                                             which is linear in q)
-    v  ← a_g · (c_g · v + (1 − c_g) · b_V,g)               kv head g, a = v_scale, c = v_scale_unbiased
+    v  ← a_g · (c_g · v + (1 − c_g) · κ_g)                 kv head g, a = v_scale, c = v_scale_unbiased
     z  ← (1 − w_h) · z_scale[l, h] · z + w_h · source[l, h]   w = z_replace (ablation / patch-in)
 
 Scaling v with its bias (a) equals scaling z of every query head of the group, because rows of
-A sum to 1; the bias-free form (c) keeps b_V, as TransformerLens and Yu et al. 2023 do. With all
+A sum to 1. The bias-free form (c) scales only the part of v that depends on the normalised
+input, as TransformerLens (whose fold_ln moves the norm's β·W_V into b_V before b_V is folded
+out) and Yu et al. 2023 do: with the norm feeding v being y = x̂·γ + β and v = y·W_V + b_V, the
+constant part is κ = β·W_V + b_V (κ = b_V under RMSNorm or without a norm). κ is computed in the
+graph from the parameter nodes, so it is exact for every instance sharing the graph. With all
 state at identity every inserted op is exact (x · 1 + 0), so outputs are unchanged bit for bit.
 """
 from __future__ import annotations
 
 import operator
 
+import torch
+import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
+from ..norms import norm_feeding
 from ..sites import AttentionSite, example_value
 from ._build import call, replace_operand
 
@@ -57,24 +64,47 @@ def _steer_value(gm, layer, site: AttentionSite, state):
     a = call(g, operator.getitem, state["v_scale"], layer)             # [Hkv]
     c = call(g, operator.getitem, state["v_scale_unbiased"], layer)
     v = call(g, operator.mul, site.v, _head_coef(g, call(g, operator.mul, a, c), val.dtype, site.num_kv_heads, repeat))
-    if site.v_bias is not None:
-        bias = _per_head_value_bias(g, site)                           # [X, d], X ∈ {Hkv, Hv}
+    kappa = _value_constant(g, site)
+    if kappa is not None:
+        const = _per_head(g, site, kappa)                              # [X, d], X ∈ {Hkv, Hv}
         rep_b = heads_v // int(example_value(site.v_bias_chain[-1]).shape[1]) if site.v_bias_chain else 1
         if rep_b > 1:
-            bias = call(g, "repeat_interleave", bias, rep_b, dim=0)
+            const = call(g, "repeat_interleave", const, rep_b, dim=0)
         keep = call(g, operator.mul, a, call(g, operator.sub, 1.0, c))    # a·(1 − c)
         coef = call(g, "view", call(g, "to", call(g, "repeat_interleave", keep, repeat), val.dtype), heads_v, 1)
-        term = call(g, "view", call(g, operator.mul, call(g, "to", bias, val.dtype), coef), 1, heads_v, 1, site.head_dim)
+        term = call(g, "view", call(g, operator.mul, call(g, "to", const, val.dtype), coef), 1, heads_v, 1, site.head_dim)
         v = call(g, operator.add, v, term)
     value_index = 2 if site.pattern == "sdpa_call" else 1
     v.meta["example_value"] = val
     replace_operand(site.attn, site.v, v, value_index, "value")
 
 
-def _per_head_value_bias(g, site: AttentionSite) -> Node:
-    """Replay the view chain producer → v on the expanded bias: b_V laid out as v, then [X, d]."""
+def _value_constant(g, site: AttentionSite) -> Node | None:
+    """κ = β·W_V + b_V over the whole output of v's projection (every head, and q and k too when
+    the projection is fused): what v is when the normalised input x̂·γ is 0. None when κ = 0.
+    β·W_V is computed from the parameter nodes on every call (one vector-matrix product), so it
+    is exact and every model sharing the graph gets its own κ."""
+    proj = site.v_proj
+    if proj is None:
+        return None
+    norm = norm_feeding(proj.input)
+    beta = norm.bias if norm is not None and isinstance(norm.bias, Node) else None
+    if beta is None:                                                   # RMSNorm, no norm, no β
+        return proj.bias
+    weight = example_value(proj.weight)
+    if weight is not None and example_value(beta) is not None and example_value(beta).dtype != weight.dtype:
+        beta = call(g, "to", beta, weight.dtype)
+    folded = (call(g, F.linear, beta, proj.weight) if proj.layout == "out_in"
+              else call(g, torch.matmul, beta, proj.weight))
+    return folded if proj.bias is None else call(g, operator.add, folded, proj.bias)
+
+
+def _per_head(g, site: AttentionSite, vector: Node) -> Node:
+    """Replay the view chain producer → v on a vector laid out like the producer's output (b_V,
+    κ): the vector laid out as v, then [X, d]. Fused qkv layouts (GPT-2's column blocks, NeoX's
+    [heads, 3, d] interleave) come out right because the chain is the model's own."""
     producer = site.v_bias_chain[0].args[0] if site.v_bias_chain else site.v
-    node = call(g, "expand_as", site.v_bias, producer)
+    node = call(g, "expand_as", vector, producer)
     for original in site.v_bias_chain:
         args = (node,) + tuple(original.args[1:])
         target = "reshape" if original.target == "view" else original.target
