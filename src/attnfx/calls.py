@@ -1,16 +1,26 @@
-"""How analyses read a model call: the inputs as (args, kwargs), the [batch, seq] they carry,
-and the logits among the outputs."""
+"""How analyses read a model call: the inputs as (args, kwargs), the [batch, seq] they carry, each
+row's last real token, the logits among the outputs and the vocabulary they span; and the one
+convention for token ids and positions given per example (`per_example`, `token_ids`, `positions`)."""
 from __future__ import annotations
+
+import inspect
+import numbers
+from collections.abc import Mapping, Sequence
 
 import torch
 
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, ShapeMismatchError
 
 
 def as_call(inputs) -> tuple[tuple, dict]:
-    """A tensor, a tuple of arguments or a dict of keyword arguments → (args, kwargs)."""
-    if isinstance(inputs, dict):
-        return (), dict(inputs)
+    """A tensor, a tuple of arguments or a mapping of keyword arguments (a dict, or any Mapping such
+    as a tokenizer's BatchEncoding) → (args, kwargs), kwargs a plain dict."""
+    if isinstance(inputs, Mapping):
+        kwargs = dict(inputs)
+        bad = [k for k in kwargs if not isinstance(k, str)]
+        if bad:
+            raise InvalidArgumentError(f"keyword inputs must be named by strings, got keys {bad!r}")
+        return (), kwargs
     if isinstance(inputs, tuple):
         return inputs, {}
     return (inputs,), {}
@@ -24,6 +34,41 @@ def batch_and_length(args, kwargs) -> tuple[int, int]:
     raise InvalidArgumentError("could not find a batched tensor input ([batch, seq, ...]) in inputs")
 
 
+def attention_mask_of(args, kwargs, forward=None) -> torch.Tensor | None:
+    """The call's attention_mask: the keyword, else (given the model's `forward`) the positional
+    argument bound to a parameter of that name; None when the call has none."""
+    mask = kwargs.get("attention_mask")
+    if mask is None and args and forward is not None:
+        try:
+            mask = inspect.signature(forward).bind_partial(*args, **kwargs).arguments.get("attention_mask")
+        except (TypeError, ValueError):
+            mask = None
+    return mask if isinstance(mask, torch.Tensor) else None
+
+
+def last_positions(args, kwargs, forward=None) -> torch.Tensor:
+    """Each row's last real token, a LongTensor [b] on the CPU: the last position where the
+    [batch, seq] attention_mask is non-zero — before the pads of a right-padded row, the last
+    position of a left-padded one (mask [0, 0, 1, 1] → 3) — or seq − 1 for every row when the call
+    has no attention mask. A mask longer than seq (past tokens first) is read at its last seq
+    columns. Pass the model's `forward` to find a mask given positionally."""
+    batch, seq = batch_and_length(args, kwargs)
+    mask = attention_mask_of(args, kwargs, forward)
+    if mask is None:
+        return torch.full((batch,), seq - 1, dtype=torch.long)
+    if mask.dim() != 2 or mask.shape[0] != batch or mask.shape[1] < seq:
+        raise ShapeMismatchError(
+            f"the last real token is read from a [batch, seq] = [{batch}, {seq}] attention_mask, got shape "
+            f"{list(mask.shape)}; pass position= explicitly (-1 is the last position)")
+    real = mask[:, mask.shape[1] - seq:] != 0
+    empty = (~real.any(-1)).nonzero().flatten().tolist()
+    if empty:
+        raise InvalidArgumentError(f"attention_mask row(s) {empty} have no real token in the input; "
+                                   "pass position= explicitly")
+    index = torch.arange(seq, device=mask.device).expand(batch, seq)
+    return torch.where(real, index, -1).amax(-1).cpu()
+
+
 def logits_of(outputs) -> torch.Tensor:
     """The [batch, seq, vocab] logits: the output itself, or its .logits."""
     logits = outputs if isinstance(outputs, torch.Tensor) else getattr(outputs, "logits", None)
@@ -31,3 +76,101 @@ def logits_of(outputs) -> torch.Tensor:
         raise InvalidArgumentError("expected [batch, seq, vocab] logits among the outputs (a tensor or .logits); "
                                    "pass a callable of the outputs for other models")
     return logits
+
+
+def vocab_size(im) -> int | None:
+    """The logits' vocabulary size, read from the unembedding the final-norm analysis found (None
+    when none was found: a token id's range is then checked on the logits, after the run)."""
+    norm = im.final_norm
+    if norm is None:
+        return None
+    weight = dict(im.model.named_parameters(remove_duplicate=False))[norm.unembed]
+    return int(weight.shape[0] if norm.unembed_layout == "out_in" else weight.shape[1])
+
+
+# ---- one integer per example -------------------------------------------------------------------
+INTEGER_FORMS = ("an int, a numpy integer, a 0-d or 1-d integer tensor or array, or a list of ints")
+
+
+def is_integer_like(value) -> bool:
+    """Whether `value` is of a kind `per_example` reads (its values and length are checked there)."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, (numbers.Integral, torch.Tensor)):
+        return True
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        return True
+    return hasattr(value, "__array__") and hasattr(value, "dtype")          # a numpy array or scalar
+
+
+def _integer_dtype(dtype: torch.dtype) -> bool:
+    return dtype != torch.bool and not dtype.is_floating_point and not dtype.is_complex
+
+
+def per_example(value, batch: int | None, what: str, *, device=None) -> torch.Tensor:
+    """One integer per example as a LongTensor [batch]: `value` is an int (or numpy integer), a 0-d
+    or 1-d integer tensor or array, or a sequence of ints — one value (shared by every example) or
+    `batch` of them. Bools and floats raise InvalidArgumentError, other lengths ShapeMismatchError
+    (batch=None checks the kind only, before the batch is known, and returns the values as given).
+    On `device` if given, else where the tensor is (the CPU for Python values)."""
+    if not is_integer_like(value):
+        raise InvalidArgumentError(f"{what} must be {INTEGER_FORMS} (one, or one per example), "
+                                   f"got {type(value).__name__}")
+    if isinstance(value, numbers.Integral):
+        ids = torch.tensor([int(value)])
+    elif isinstance(value, torch.Tensor):
+        ids = value
+    elif isinstance(value, Sequence):
+        items = []
+        for item in value:
+            if isinstance(item, torch.Tensor) and item.dim() == 0 and _integer_dtype(item.dtype):
+                item = int(item)
+            if isinstance(item, bool) or not isinstance(item, numbers.Integral):
+                raise InvalidArgumentError(f"{what} must be {INTEGER_FORMS}; got a sequence holding "
+                                           f"{type(item).__name__} {item!r}")
+            items.append(int(item))
+        ids = torch.tensor(items, dtype=torch.long)
+    else:
+        try:
+            ids = torch.as_tensor(value)
+        except (TypeError, RuntimeError, ValueError) as err:
+            raise InvalidArgumentError(f"{what} must be {INTEGER_FORMS}; could not read "
+                                       f"{type(value).__name__}: {err}") from None
+    if not _integer_dtype(ids.dtype):
+        raise InvalidArgumentError(f"{what} must be integers ({INTEGER_FORMS}), got dtype {ids.dtype}")
+    if ids.dim() > 1:
+        raise ShapeMismatchError(f"{what} must be one value or one per example: a scalar or shape [{batch}], "
+                                 f"got shape {list(ids.shape)}")
+    ids = ids.reshape(-1)
+    if batch is None:
+        return ids.to(device=device if device is not None else ids.device, dtype=torch.long)
+    if ids.numel() == 1:
+        ids = ids.repeat(batch)
+    if ids.numel() != batch:
+        raise ShapeMismatchError(f"{what} must be one value or one per example ({batch}), got {ids.numel()}")
+    return ids.to(device=device if device is not None else ids.device, dtype=torch.long)
+
+
+def token_ids(value, batch: int | None, what: str = "target", vocab: int | None = None, *, device=None) -> torch.Tensor:
+    """`per_example` token ids, LongTensor [batch], each in [0, vocab) when vocab is given."""
+    ids = per_example(value, batch, what, device=device)
+    if vocab is not None:
+        check_vocab(ids, vocab, what)
+    return ids
+
+
+def check_vocab(ids: torch.Tensor, vocab: int, what: str = "target") -> None:
+    if bool(((ids < 0) | (ids >= vocab)).any()):
+        raise InvalidArgumentError(f"{what} token ids must be in [0, {vocab}), got {ids.tolist()}")
+
+
+def positions(value, batch: int, seq: int, what: str = "position", *, device=None) -> torch.Tensor:
+    """`per_example` positions in [-seq, seq) (−1 is the last position), as indices in [0, seq)."""
+    if value is None:
+        raise InvalidArgumentError(
+            f"{what}=None (each row's last real token) is read from a call's attention mask, which is not "
+            "at hand here: pass the positions, e.g. calls.last_positions(*calls.as_call(inputs))")
+    pos = per_example(value, batch, what, device=device)
+    if bool(((pos < -seq) | (pos >= seq)).any()):
+        raise InvalidArgumentError(f"{what} must be in [-{seq}, {seq}), got {pos.tolist()}")
+    return pos % seq

@@ -1,7 +1,12 @@
 """Patching metrics: functions of the logits [b, t, vocab] → one value per example [b].
 
-Token ids and positions are one per example (or one for all); a position of −1 is the last
-token, and padded batches pass each row's last real position.
+Token ids and positions are one per example (or one for all), read by the one convention of
+`calls.per_example` (an int or numpy integer, a 0-d or 1-d integer tensor or array, or a list of
+ints; bools, floats and other lengths raise). A position of −1 is the last position: a metric sees
+only the logits, not the attention mask, so its default cannot be each row's last real token the
+way head_attribution's and relevance's `position=None` is. For a right-padded batch pass those
+positions, `calls.last_positions(*calls.as_call(inputs))` (a left-padded batch's last real token
+is the last position).
 """
 from __future__ import annotations
 
@@ -10,7 +15,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ..errors import InvalidArgumentError, ShapeMismatchError
+from ..calls import check_vocab, per_example, positions
+from ..errors import InvalidArgumentError
 
 Metric = Callable[[torch.Tensor], torch.Tensor]
 
@@ -20,39 +26,41 @@ def wide(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
-def _per_example(value, batch: int, device, what: str) -> torch.Tensor:
-    value = torch.as_tensor(value, device=device).reshape(-1)
-    if value.numel() == 1:
-        value = value.expand(batch)
-    if value.numel() != batch:
-        raise ShapeMismatchError(f"{what} must be one value or one per example ({batch}), got {value.numel()}")
-    return value.long()
-
-
 def _at(logits: torch.Tensor, position) -> torch.Tensor:
     """[b, vocab] fp32 logits at each example's position."""
     if logits.dim() != 3:
         raise InvalidArgumentError(f"metrics take logits [batch, seq, vocab], got shape {list(logits.shape)}")
     b, t, _ = logits.shape
     rows = torch.arange(b, device=logits.device)
-    return wide(logits[rows, _per_example(position, b, logits.device, "position") % t])
+    return wide(logits[rows, positions(position, b, t, device=logits.device)])
 
 
 def _pick(logits_at: torch.Tensor, tokens, what: str) -> torch.Tensor:
     b, vocab = logits_at.shape
-    ids = _per_example(tokens, b, logits_at.device, what)
-    if bool(((ids < 0) | (ids >= vocab)).any()):
-        raise InvalidArgumentError(f"{what} token ids must be in [0, {vocab})")
+    ids = per_example(tokens, b, what, device=logits_at.device)
+    check_vocab(ids, vocab, what)
     return logits_at[torch.arange(b, device=logits_at.device), ids]
+
+
+def _check_kinds(**values) -> None:
+    """Token ids and positions checked for their kind when the metric is made (before any run);
+    their length and range are checked on the logits."""
+    for what, value in values.items():
+        if what == "position" and value is None:
+            positions(None, 1, 1)                       # raises, saying what to pass instead
+        per_example(value, None, what)
 
 
 def logit(token, position=-1) -> Metric:
     """logit[token] at `position`."""
+    _check_kinds(target=token, position=position)
     return lambda logits: _pick(_at(logits, position), token, "target")
 
 
 def logit_diff(correct, incorrect, position=-1) -> Metric:
     """logit[correct] − logit[incorrect] at `position`."""
+    _check_kinds(correct=correct, incorrect=incorrect, position=position)
+
     def metric(logits):
         at = _at(logits, position)
         return _pick(at, correct, "correct") - _pick(at, incorrect, "incorrect")
@@ -72,6 +80,7 @@ def normalized_logit_diff(correct, incorrect, clean_logits, corrupt_logits, posi
 
 def kl_to_clean(clean_logits, position=-1) -> Metric:
     """KL(p_clean ‖ p) of the next-token distributions at `position` (0 at the clean run)."""
+    _check_kinds(position=position)
     clean = F.log_softmax(_at(clean_logits, position), -1).detach()
 
     def metric(logits):
@@ -82,4 +91,5 @@ def kl_to_clean(clean_logits, position=-1) -> Metric:
 
 def target_prob(tokens, position=-1) -> Metric:
     """p(token) at `position`."""
+    _check_kinds(target=tokens, position=position)
     return lambda logits: _pick(F.softmax(_at(logits, position), -1), tokens, "target")
