@@ -12,35 +12,25 @@ computed as a per-head readout in the graph (b·t·H·d_head work); the contribu
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
-from ..calls import as_call, batch_and_length
-from ..errors import InvalidArgumentError, ShapeMismatchError, UnsupportedModelError
-
-
-def _per_example(value, batch: int, what: str) -> torch.Tensor:
-    if isinstance(value, torch.Tensor):
-        value = value.flatten().tolist()
-    elif not isinstance(value, Sequence):
-        value = [value]
-    value = [int(v) for v in value]
-    if len(value) == 1:
-        value = value * batch
-    if len(value) != batch:
-        raise ShapeMismatchError(f"{what} must be one index or one per example ({batch}), got {len(value)}")
-    return torch.tensor(value)
+from ..calls import as_call, batch_and_length, last_positions, positions as _positions, token_ids, vocab_size
+from ..errors import InvalidArgumentError, UnsupportedModelError
 
 
 def _unembed_rows(weight: torch.Tensor, layout: str, tokens: torch.Tensor) -> torch.Tensor:
     return weight[tokens] if layout == "out_in" else weight[:, tokens].T
 
 
-def head_attribution(im, inputs, target, foil=None, position=-1, *, reduce: str = "mean") -> torch.Tensor:
+def head_attribution(im, inputs, target, foil=None, position=None, *, reduce: str = "mean") -> torch.Tensor:
     """Direct logit attribution of every head: [L, H] (reduce="mean" or "sum" over the batch) or
-    [b, L, H] (reduce="none"). target/foil: a token id or one per example; position: an int or one
-    per example (e.g. the last real token of each padded row)."""
+    [b, L, H] (reduce="none"). inputs: a tensor, a tuple of arguments or a mapping of keyword
+    arguments (a dict, a tokenizer's BatchEncoding). target/foil: a token id or one per example (an
+    int or numpy integer, a 0-d or 1-d integer tensor or array, or a list of ints). position: None
+    (the default) reads each row's last real token per the call's attention_mask — before the pads
+    of a right-padded row, the last position of a left-padded one — and the last position when the
+    call has no mask; an int or one per example reads those positions (−1 is the last position,
+    pad or not)."""
     if reduce not in ("mean", "sum", "none"):
         raise InvalidArgumentError(f"reduce must be 'mean', 'sum' or 'none', got {reduce!r}")
     norm = im.final_norm
@@ -49,17 +39,15 @@ def head_attribution(im, inputs, target, foil=None, position=-1, *, reduce: str 
             f"{type(im.model).__name__}: no final LayerNorm/RMSNorm → linear unembedding was found, "
             "so logits cannot be attributed to heads directly")
     args, kwargs = as_call(inputs)
-    batch = batch_and_length(args, kwargs)[0]
-    targets = _per_example(target, batch, "target")
-    foils = _per_example(foil, batch, "foil") if foil is not None else None
-    positions = _per_example(position, batch, "position")
+    batch, seq = batch_and_length(args, kwargs)
+    vocab = vocab_size(im)
+    targets = token_ids(target, batch, "target", vocab)
+    foils = token_ids(foil, batch, "foil", vocab) if foil is not None else None
+    positions = (last_positions(args, kwargs, im.model.forward) if position is None
+                 else _positions(position, batch, seq))
 
     params = dict(im.model.named_parameters(remove_duplicate=False))
     w_u = params[norm.unembed].detach().float()
-    vocab = w_u.shape[0] if norm.unembed_layout == "out_in" else w_u.shape[1]
-    for name, ids in (("target", targets), ("foil", foils)):
-        if ids is not None and not bool(((ids >= 0) & (ids < vocab)).all()):
-            raise InvalidArgumentError(f"{name} token ids must be in [0, {vocab}), got {ids.tolist()}")
     pairs = list(zip(targets.tolist(), foils.tolist() if foils is not None else [None] * batch))
     unique = list(dict.fromkeys(pairs))
     column = torch.tensor([unique.index(p) for p in pairs])
@@ -76,11 +64,7 @@ def head_attribution(im, inputs, target, foil=None, position=-1, *, reduce: str 
     with torch.no_grad(), im.record("readout", "final_norm", directions=directions) as rec:
         im(*args, **kwargs)
     readout, resid = rec["readout"], rec["final_norm"].float()      # [b, t, L, H, K], [b, t, d]
-    seq = readout.shape[1]
-    if not bool(((positions >= -seq) & (positions < seq)).all()):
-        raise InvalidArgumentError(f"position must be in [-{seq}, {seq}), got {positions.tolist()}")
-    rows = torch.arange(batch)
-    positions = positions % seq
+    rows, positions = torch.arange(batch, device=resid.device), positions.to(resid.device)
     x = resid[rows, positions]                                        # [b, d]
     if norm.kind == "layer_norm":
         sigma = torch.sqrt(x.var(dim=-1, unbiased=False) + norm.eps)

@@ -14,13 +14,15 @@ rules — the component's relevance — for every component at once, in fp32.
 """
 from __future__ import annotations
 
+import numbers
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from ..calls import as_call, batch_and_length, logits_of
+from ..calls import (INTEGER_FORMS, as_call, batch_and_length, check_vocab, is_integer_like, last_positions,
+                     logits_of, per_example, positions as _positions, vocab_size)
 from ..errors import InvalidArgumentError, RelevanceLeakError, RelevanceLeakWarning, ShapeMismatchError
 from ..probing import Probing, relevance_dtype, state_shape
 from ..spec import RULES, Spec, gate_name
@@ -60,14 +62,25 @@ class Relevance:
 COMPONENTS = {"tokens": "tokens", "heads": "heads", "attn": "attn", "mlp": "mlp", "residual": "resid"}
 
 
-def relevance(im, inputs, target, *, rule: str = "attnlrp", foil=None, position=-1,
+def relevance(im, inputs, target, *, rule: str = "attnlrp", foil=None, position=None,
               components=tuple(COMPONENTS), check: bool = False) -> Relevance:
-    """Relevance of every component for `target`: a token id (its logit at `position`, minus the
-    `foil`'s if given), a {token: weight} dict (a weighted set of logits at `position`), a list of
-    (position, token) or (position, token, weight) (several generated tokens at once), or a
-    callable outputs → [b] (any scalar function of the outputs per example). rule: "attnlrp",
-    "cp-lrp" or "gradient" (plain gradient × input). Ops without a rule are reported in
-    `.leaks` with a RelevanceLeakWarning; check=True raises RelevanceLeakError instead.
+    """Relevance of every component for `target`:
+
+    * a token id or one per example (an int or numpy integer, a 0-d or 1-d integer tensor or
+      array, or a list of ints — the convention of head_attribution): its logit at `position`,
+      minus the `foil`'s (same forms) if given;
+    * a {token: weight} dict: a weighted set of logits at `position`;
+    * a list of (position, token) or (position, token, weight) tuples: several generated tokens at
+      once (a list of tuples, where a list of ints is one token per example);
+    * a callable outputs → [b]: any scalar function of the outputs per example.
+
+    position (token and dict targets): None (the default) is each row's last real token per the
+    call's attention_mask — before the pads of a right-padded row, the last position of a
+    left-padded one — and the last position when the call has no mask; an int or one per example
+    reads those positions (−1 is the last position, pad or not). inputs: a tensor, a tuple of
+    arguments or a mapping of keyword arguments (a dict, a tokenizer's BatchEncoding).
+    rule: "attnlrp", "cp-lrp" or "gradient" (plain gradient × input). Ops without a rule are
+    reported in `.leaks` with a RelevanceLeakWarning; check=True raises RelevanceLeakError instead.
     `components` limits the work to some of "tokens", "heads", "attn", "mlp", "residual" (the
     others come back None): each gated component keeps its activation for the backward."""
     if rule not in RULES:
@@ -77,10 +90,12 @@ def relevance(im, inputs, target, *, rule: str = "attnlrp", foil=None, position=
         raise InvalidArgumentError(f"components must be among {tuple(COMPONENTS)}, got {tuple(components)}")
     kinds = tuple(kind for name, kind in COMPONENTS.items() if name in components)
     args, kwargs = as_call(inputs)
+    batch, seq = batch_and_length(args, kwargs)
+    terms = _target_terms(target, foil, position, batch, seq,
+                          last=lambda: last_positions(args, kwargs, im.model.forward))
     if im._sites is None:
         im._discover(args, kwargs)
-    batch, seq = batch_and_length(args, kwargs)
-    target_fn = _target_function(target, foil, position, batch)
+    target_fn = _target_function(target, terms, batch, vocab_size(im))
     dtype = relevance_dtype(im.model)
     gates = {gate_name(kind): torch.ones(state_shape(im, kind, batch, seq, per_dim=False), dtype=dtype,
                                          device=im.z_scale.device, requires_grad=True) for kind in kinds}
@@ -119,22 +134,69 @@ def _component(grads, gates, probing: Probing, kind: str) -> torch.Tensor | None
     return grad.permute(1, 2, 0, 3) if kind == "heads" else grad.permute(1, 2, 0)
 
 
-def _target_function(target, foil, position, batch: int) -> Callable:
-    """outputs → [b]: a callable as given, else a weighted sum of logits (metrics.logit)."""
+_TARGET_FORMS = (f"a token id or one per example ({INTEGER_FORMS}), a {{token: weight}} dict, a list of "
+                 "(position, token[, weight]) tuples or a callable of the outputs")
+
+
+def _target_terms(target, foil, position, batch: int, seq: int, last) -> list | None:
+    """The target as (name, token ids [b], positions [b], weight) terms of a weighted sum of logits,
+    all checked before any run (token ids against the vocabulary later, once it is known); None for
+    a callable. `last()` gives each row's last real token, read only when a term needs it."""
+    token_form = not callable(target) and (isinstance(target, Mapping) or not _is_position_list(target))
+    if foil is not None and (not token_form or isinstance(target, Mapping)):
+        raise InvalidArgumentError("foil= goes with a token target; a dict, a (position, token) list or a "
+                                   "callable carries its own negative terms")
+    if position is not None and not token_form:
+        raise InvalidArgumentError("position= goes with a token or {token: weight} target; a (position, "
+                                   "token) list carries its positions and a callable reads its own")
     if callable(target):
+        return None
+    if not token_form:
+        terms = []
+        for item in target:
+            if len(item) not in (2, 3):
+                raise InvalidArgumentError(f"a (position, token[, weight]) target needs 2 or 3 entries, "
+                                           f"got {item!r}")
+            terms.append(("target", per_example(item[1], batch, "target"), _positions(item[0], batch, seq),
+                          _weight(item[2]) if len(item) == 3 else 1.0))
+        return terms
+    if not (isinstance(target, Mapping) or is_integer_like(target)):
+        raise InvalidArgumentError(f"target must be {_TARGET_FORMS}; got {type(target).__name__}")
+    at = last() if position is None else _positions(position, batch, seq)
+    if isinstance(target, Mapping):
+        if not target:
+            raise InvalidArgumentError("a {token: weight} target needs at least one token")
+        return [("target", per_example(t, batch, "target"), at, _weight(w)) for t, w in target.items()]
+    terms = [("target", per_example(target, batch, "target"), at, 1.0)]
+    if foil is not None:
+        terms.append(("foil", per_example(foil, batch, "foil"), at, -1.0))
+    return terms
+
+
+def _is_position_list(target) -> bool:
+    """A non-empty sequence of (position, token[, weight]) sequences (a list of ints is one token
+    per example)."""
+    return (isinstance(target, Sequence) and not isinstance(target, (str, bytes)) and len(target) > 0
+            and all(isinstance(item, Sequence) and not isinstance(item, (str, bytes)) for item in target))
+
+
+def _weight(value) -> float:
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype.is_floating_point:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InvalidArgumentError(f"a target weight must be a real number, got {type(value).__name__}")
+    return float(value)
+
+
+def _target_function(target, terms, batch: int, vocab: int | None) -> Callable:
+    """outputs → [b]: a callable as given, else the weighted sum of logits (metrics.logit)."""
+    if terms is None:
         return lambda out: _as_batch(target(out), batch)
-    if isinstance(target, dict):
-        terms = [(metrics.logit(int(t), position), float(w)) for t, w in target.items()]
-    elif isinstance(target, Sequence) and not isinstance(target, str) and target and \
-            isinstance(target[0], Sequence):
-        terms = [(metrics.logit(int(t), int(p)), float(rest[0]) if rest else 1.0) for p, t, *rest in target]
-    elif isinstance(target, int) and not isinstance(target, bool):
-        terms = [(metrics.logit(target, position), 1.0)] + ([(metrics.logit(int(foil), position), -1.0)]
-                                                             if foil is not None else [])
-    else:
-        raise InvalidArgumentError(f"target must be a token id, a {{token: weight}} dict, a list of "
-                                   f"(position, token[, weight]) or a callable; got {type(target).__name__}")
-    return lambda out: sum(weight * metric(logits_of(out)) for metric, weight in terms)
+    if vocab is not None:
+        for what, ids, _, _ in terms:
+            check_vocab(ids, vocab, what)
+    metrics_ = [(metrics.logit(ids, at), weight) for _, ids, at, weight in terms]
+    return lambda out: sum(weight * metric(logits_of(out)) for metric, weight in metrics_)
 
 
 def _as_batch(value, batch: int) -> torch.Tensor:
