@@ -4,7 +4,7 @@ v = y·W_V + b_V, the constant part is κ = β·W_V + b_V, and kv head g becomes
 
 Each case is checked against a forward hook written here on the v projection, with κ computed by
 hand from the parameters: GPT-2 (fused Conv1D qkv), GPT-NeoX (fused qkv interleaved per head),
-Llama (RMSNorm: no β, so κ = 0), Qwen2 (v bias, RMSNorm) and plain modules with LayerNorm-with-
+BERT (post-norm), Llama (RMSNorm: no β, so κ = 0), Qwen2 (v bias, RMSNorm) and plain modules with LayerNorm-with-
 bias and a separate v_proj (with and without a v bias, GQA)."""
 from dataclasses import dataclass
 from typing import Callable
@@ -74,6 +74,10 @@ CASES = [
     _hf("gpt2", lambda m, l: m.transformer.h[l].attn.c_attn, lambda m, l: m.transformer.h[l].ln_1.bias, True),
     _hf("neox", lambda m, l: m.gpt_neox.layers[l].attention.query_key_value,
         lambda m, l: m.gpt_neox.layers[l].input_layernorm.bias, True),
+    # post-norm: v reads the previous layer's output LayerNorm (layer 0: the embeddings' one, then
+    # an eval-mode dropout, which is the identity)
+    _hf("bert", lambda m, l: m.encoder.layer[l].attention.self.value,
+        lambda m, l: (m.embeddings.LayerNorm if l == 0 else m.encoder.layer[l - 1].output.LayerNorm).bias, True),
     _hf("llama", lambda m, l: m.model.layers[l].self_attn.v_proj, lambda m, l: None, False),
     _hf("qwen2", lambda m, l: m.model.layers[l].self_attn.v_proj, lambda m, l: None, False),
     Case("plain_bias", _plain_builder(True), lambda m, l: m.blocks[l].attn.v_proj,
