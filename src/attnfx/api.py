@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import sys
 import types
 import weakref
 from dataclasses import replace
@@ -89,6 +90,25 @@ def _default_example_inputs(model):
     vocab = getattr(model.config, "vocab_size", None) or 4
     ids = torch.arange(1, 5, device=_model_device(model))[None] % vocab
     return {"input_ids": ids}
+
+
+def _install_hf_output_hooks(model, kwargs) -> None:
+    """transformers installs the forward hooks behind output_attentions / output_hidden_states on
+    the first call that asks for them, under a threading lock that dynamo cannot trace: a graph
+    break that would separate the attention from attnfx's state. When a call asks for them, install
+    them just before it, with HF's own function, as that call would have."""
+    config = getattr(model, "config", None)
+    asked = any(k.startswith("output_") and v is not None and v is not False for k, v in kwargs.items()) or \
+        any(getattr(config, f"output_{k}", False) for k in ("attentions", "hidden_states"))
+    if not asked or getattr(model, "_output_capturing_hooks_installed", False) or "transformers" not in sys.modules:
+        return
+    from transformers import PreTrainedModel
+    try:
+        from transformers.utils.output_capturing import maybe_install_capturing_hooks
+    except ImportError:                  # a transformers without lazily installed output hooks
+        return
+    if isinstance(model, PreTrainedModel):
+        maybe_install_capturing_hooks(model)
 
 
 def _fingerprint(model) -> tuple:
@@ -265,6 +285,7 @@ class InstrumentedModel(nn.Module):
         if self._sites is None:
             self._discover(args, kwargs)
         self._check_inputs(args, kwargs)
+        _install_hf_output_hooks(self.model, kwargs)
         spec = self._recording.spec if self._recording is not None else PLAIN
         if spec is not self._spec:
             self._set_spec(spec)

@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 
 from .errors import (DeviceMismatchError, DTypeMismatchError, InvalidArgumentError,
-                     ShapeMismatchError, SiteIndexError, SteeringValueError)
+                     ShapeMismatchError, SteeringValueError)
+from .indices import as_index
 from .spec import RECORD_KINDS, Spec
 
 
@@ -59,13 +60,8 @@ class Recording:
     def _check_heads(heads, sites) -> tuple[tuple[int, int], ...]:
         if not heads:
             raise InvalidArgumentError("recording 'contrib' needs heads=[(layer, head), ...]")
-        pairs = []
-        for pair in heads:
-            layer, head = pair
-            if not (0 <= layer < len(sites) and 0 <= head < sites[0].num_heads):
-                raise SiteIndexError(f"(layer, head) = {pair} out of range: layers 0..{len(sites) - 1}, "
-                                     f"heads 0..{sites[0].num_heads - 1}")
-            pairs.append((int(layer), int(head)))
+        pairs = [(as_index(layer, len(sites), "layer"), as_index(head, sites[0].num_heads, "head"))
+                 for layer, head in heads]
         return tuple(sorted(set(pairs)))
 
     # ---- context manager -------------------------------------------------------------------
@@ -83,7 +79,10 @@ class Recording:
         return self
 
     def __exit__(self, *exc):
-        self._im._recording = None
+        im = self._im
+        im._recording = None
+        if self._directions is not None:
+            delattr(im, "readout_directions")       # the directions belong to this recording only
         return False
 
     def __getitem__(self, kind: str):

@@ -4,27 +4,20 @@ source, whose shape follows the input's). Every method validates all of its argu
 writing anything: a rejected call leaves the state as it was."""
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
 
 import torch
 
 from .errors import (DeviceMismatchError, DTypeMismatchError, InvalidArgumentError,
                      ShapeMismatchError, SiteIndexError, SteeringValueError)
+from .calls import as_call
+from .indices import as_indices
+from .spec import STEERING_STATE
 
 SCALE_TARGETS = {"z": "z_scale", "value": "v_scale", "value_unbiased": "v_scale_unbiased",
                  "query": "q_scale"}
 ABLATIONS = ("zero", "mean")
-
-
-def _as_list(index, what: str) -> list[int]:
-    items = list(index) if isinstance(index, Sequence) and not isinstance(index, str) else [index]
-    if not items:
-        raise SiteIndexError(f"empty {what} list")
-    for item in items:
-        if isinstance(item, bool) or not isinstance(item, int):
-            raise SiteIndexError(f"{what} index must be an int, got {item!r}")
-    return items
 
 
 class Steering:
@@ -40,21 +33,14 @@ class Steering:
     def _pairs(self, layer, head, kv: bool = False) -> tuple[list[int], list[int]]:
         self._im._check_attached()
         layers_n, heads_n, kv_n, _ = self._layout()
-        limit = kv_n if kv else heads_n
-        layers, heads = _as_list(layer, "layer"), _as_list(head, "kv head" if kv else "head")
-        for l in layers:
-            if not 0 <= l < layers_n:
-                raise SiteIndexError(f"layer {l} out of range: valid layers are 0..{layers_n - 1}")
-        for h in heads:
-            if not 0 <= h < limit:
-                kind = "kv head" if kv else "head"
-                raise SiteIndexError(f"{kind} {h} out of range: valid {kind}s are 0..{limit - 1}")
-        return layers, heads
+        return (as_indices(layer, layers_n, "layer"),
+                as_indices(head, kv_n if kv else heads_n, "kv head" if kv else "head"))
 
     @staticmethod
     def _factor(factor) -> float:
-        if isinstance(factor, torch.Tensor):
-            if factor.numel() != 1:
+        if hasattr(factor, "item") and not isinstance(factor, (int, float)):   # a tensor, array or numpy scalar
+            count = factor.numel() if isinstance(factor, torch.Tensor) else factor.size
+            if count != 1:
                 raise SteeringValueError(f"factor must be a scalar, got a tensor of shape {tuple(factor.shape)}")
             factor = factor.item()
         if isinstance(factor, bool) or not isinstance(factor, (int, float)):
@@ -143,6 +129,41 @@ class Steering:
         else:
             im.z_source.zero_()
 
+    # ---- scoped knobs: restored on exit, also when the body raises --------------------------
+    @contextlib.contextmanager
+    def restoring(self):
+        """`with im.steering.restoring(): ...`: every knob as it was on entry, restored on exit."""
+        im = self._im
+        im._check_attached()
+        saved = {name: getattr(im, name).clone() for name in STEERING_STATE}
+        try:
+            yield self
+        finally:
+            for name, value in saved.items():
+                current = getattr(im, name)
+                if current.shape == value.shape:
+                    current.copy_(value)              # in place: the graph keeps reading the same buffer
+                else:
+                    setattr(im, name, value)          # a per-position patch source changed its shape
+
+    def scaled(self, layer, head, factor, *, on: str = "z"):
+        """`with im.steering.scaled(l, h, 3.0, on="value_unbiased"):` — scale() for the block only."""
+        return self._scoped(self.scale, layer, head, factor, on=on)
+
+    def ablated(self, layer, head, how: str = "zero", *, reference=None):
+        """ablate() for the duration of a `with` block."""
+        return self._scoped(self.ablate, layer, head, how, reference=reference)
+
+    def patched(self, layer: int, head, z_source: torch.Tensor):
+        """patch() for the duration of a `with` block."""
+        return self._scoped(self.patch, layer, head, z_source)
+
+    @contextlib.contextmanager
+    def _scoped(self, knob, *args, **kwargs):
+        with self.restoring():
+            knob(*args, **kwargs)
+            yield self
+
     def active(self) -> list[tuple[str, int, int, float]]:
         """Non-identity knobs as (kind, layer, head, value); ablations and patches have value 1."""
         im = self._im
@@ -162,19 +183,12 @@ class Steering:
     @torch.no_grad()
     def mean_z(self, reference) -> torch.Tensor:
         """Mean head output [L, H, d] over the reference batch's valid positions, unsteered."""
-        from .api import _as_call
-
         im = self._im
-        args, kwargs = _as_call(reference)
-        saved = {name: getattr(im, name).clone() for name in ("q_scale", "v_scale", "v_scale_unbiased",
-                                                              "z_scale", "z_replace", "z_source")}
-        try:
+        args, kwargs = as_call(reference)
+        with self.restoring():
             self.reset()
             with im.record("z") as rec:
                 im(*args, **kwargs)
-        finally:
-            for name, value in saved.items():
-                setattr(im, name, value)
         z = torch.stack(rec["z"]).float()                          # [L, b, t, H, d]
         mask = kwargs.get("attention_mask")
         if mask is None:

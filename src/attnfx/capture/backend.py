@@ -14,6 +14,7 @@ from .. import passes
 from ..errors import LoweringWarning, UninstrumentedExecutionError
 from ..sites import find_sites
 from ..spec import Spec
+from .checkpoint import inline_checkpoints
 from .context import current
 from .marker import find_marker
 
@@ -53,6 +54,7 @@ class Backend:
 
     def __call__(self, gm: GraphModule, example_inputs):
         ctx = current()
+        inline_checkpoints(gm)                   # checkpointed layers hide their attention in a subgraph
         marker = find_marker(gm.graph)
         if marker is None or ctx is None:
             sites, _ = find_sites(gm.graph)
