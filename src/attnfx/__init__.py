@@ -12,7 +12,7 @@ from .errors import *  # noqa: F401,F403  (typed errors are part of the public s
 from .sites import PATTERNS
 
 __all__ = ["instrument", "InstrumentedModel", "SiteInfo", "FinalNormInfo", "PATTERNS", "errors", "set_backend",
-           "head_attribution", "relevance", "patching", "metrics"]
+           "head_attribution", "relevance", "patching", "metrics", "models"]
 __version__ = "0.1.0"
 
 
@@ -26,4 +26,7 @@ def __getattr__(name):
     if name in ("patching", "metrics"):
         import importlib
         return importlib.import_module(f".analysis.{name}", __name__)
+    if name == "models":                 # the README's first call: attnfx.models.load_default()
+        import importlib
+        return importlib.import_module(".models", __name__)
     raise AttributeError(name)
