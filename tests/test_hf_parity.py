@@ -28,11 +28,7 @@ def test_left_padded_greedy_generation_equals_the_model(family):
     assert torch.equal(im.generate(input_ids=ids, attention_mask=mask, **GREEDY), expected)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_labels_loss_and_gradients_equal_the_model(family):
-    model = build(FAMILIES[family], layers=2, heads=4, kv_heads=2).eval()
-    im = attnfx.instrument(model)
-    ids = torch.randint(1, 64, (2, 6))
+def _assert_loss_and_grads_equal(model, im, ids):
     out = im(input_ids=ids, labels=ids)
     out.loss.backward()
     ours = [p.grad.clone() for p in model.parameters()]
@@ -42,6 +38,14 @@ def test_labels_loss_and_gradients_equal_the_model(family):
     assert_close(out.loss, ref.loss)
     for a, b in zip(ours, [p.grad for p in model.parameters()]):
         assert_close(a, b)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_labels_loss_and_gradients_equal_the_model(family):
+    model = build(FAMILIES[family], layers=2, heads=4, kv_heads=2).eval()
+    im = attnfx.instrument(model)
+    ids = torch.randint(1, 64, (2, 6))
+    _assert_loss_and_grads_equal(model, im, ids)
 
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
@@ -64,15 +68,7 @@ def test_gradient_checkpointing_in_train_mode_equals_the_model(backend):
     model.gradient_checkpointing_enable()
     model.train()
     ids = torch.randint(1, 64, (2, 6))
-    out = im(input_ids=ids, labels=ids)
-    out.loss.backward()
-    ours = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    ref = model(input_ids=ids, labels=ids)
-    ref.loss.backward()
-    assert_close(out.loss, ref.loss)
-    for a, b in zip(ours, [p.grad for p in model.parameters()]):
-        assert_close(a, b)
+    _assert_loss_and_grads_equal(model, im, ids)
 
 
 @pytest.mark.parametrize("layer, head", [(np.int64(1), torch.tensor(2)), (-1, -2), (torch.tensor([1]), [2])])
