@@ -4,29 +4,45 @@
     im.steering.scale(layer=3, head=5, factor=4.0, on="value_unbiased")
     with im.record("z") as rec:
         im(input_ids)
+
+`import attnfx` loads only the typed errors: torch, dynamo and the ops are imported by the first
+name that needs them (the first `instrument` call pays for dynamo, which torch.compile needs anyway).
 """
+import importlib
+
 from . import errors
-from .api import FinalNormInfo, InstrumentedModel, SiteInfo, instrument
-from .backends import set_backend
 from .errors import *  # noqa: F401,F403  (typed errors are part of the public surface)
-from .sites import PATTERNS
 
 __all__ = ["instrument", "InstrumentedModel", "SiteInfo", "FinalNormInfo", "PATTERNS", "errors", "set_backend",
            "head_attribution", "relevance", "patching", "metrics", "models"]
 __version__ = "0.1.0"
 
+# public name -> (module, attribute); attribute None means the module itself
+_LAZY = {
+    "instrument": (".api", "instrument"),
+    "InstrumentedModel": (".api", "InstrumentedModel"),
+    "SiteInfo": (".siteinfo", "SiteInfo"),
+    "FinalNormInfo": (".siteinfo", "FinalNormInfo"),
+    "PATTERNS": (".sites", "PATTERNS"),
+    "set_backend": (".backends", "set_backend"),
+    "head_attribution": (".analysis.attribution", "head_attribution"),
+    "relevance": (".analysis.relevance", "relevance"),
+    "patching": (".analysis.patching", None),
+    "metrics": (".analysis.metrics", None),
+    "models": (".models", None),          # the README's first call: attnfx.models.load_default()
+}
+
 
 def __getattr__(name):
-    if name == "head_attribution":
-        from .analysis.attribution import head_attribution
-        return head_attribution
-    if name == "relevance":
-        from .analysis.relevance import relevance
-        return relevance
-    if name in ("patching", "metrics"):
-        import importlib
-        return importlib.import_module(f".analysis.{name}", __name__)
-    if name == "models":                 # the README's first call: attnfx.models.load_default()
-        import importlib
-        return importlib.import_module(".models", __name__)
-    raise AttributeError(name)
+    try:
+        module_name, attribute = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module 'attnfx' has no attribute {name!r}") from None
+    module = importlib.import_module(module_name, __name__)
+    value = module if attribute is None else getattr(module, attribute)
+    globals()[name] = value               # later lookups skip __getattr__
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

@@ -23,7 +23,7 @@ from .calls import as_call as _as_call
 from .capture.backend import BACKENDS, MODES
 from .capture.context import calling
 from .capture.logging_calls import tolerant_logging
-from .errors import (AlreadyInstrumentedError, DetachedError, DeviceMismatchError,
+from .errors import (AlreadyInstrumentedError, DetachedError, DeviceMismatchError, DTypeMismatchError,
                      InvalidArgumentError, NoAttentionFoundError, NotDiscoveredError,
                      UninstrumentedExecutionError, UnsupportedModelError)
 from .sites import PATTERNS, example_value
@@ -58,11 +58,13 @@ def instrument(model: nn.Module, *, backend: str | None = None, example_inputs=N
     if live is not None and live() is not None and live()._attached:
         raise AlreadyInstrumentedError(
             f"{type(model).__name__} is already instrumented; call .uninstrument() on the first wrapper")
+    _check_materialised(model)
     mode = _resolve_backend(backend, model)
     im = InstrumentedModel(model, mode, fullgraph, bool(lower))
     inputs = example_inputs if example_inputs is not None else _default_example_inputs(model)
     if inputs is not None:
         args, kwargs = _as_call(inputs)
+        _check_token_ids(model, args, kwargs)
         im._discover(args, kwargs)
     _LIVE[model] = weakref.ref(im)
     return im
@@ -75,6 +77,28 @@ def _resolve_backend(backend, model) -> str:
     if backend not in MODES:
         raise InvalidArgumentError(f"backend must be one of {MODES}, got {backend!r}")
     return backend
+
+
+def _check_materialised(model) -> None:
+    """A meta-device model has shapes but no values: tracing it fails deep inside FakeTensor."""
+    meta = [name for name, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
+    if meta:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has {len(meta)} parameter(s)/buffer(s) on the meta device (first: {meta[0]}); "
+            "load its weights first (e.g. model.to_empty(device=...) then load_state_dict, or from_pretrained)")
+
+
+_TOKEN_ID_ARGUMENTS = ("input_ids", "decoder_input_ids")
+
+
+def _check_token_ids(model, args, kwargs) -> None:
+    """Token ids index an embedding: a float tensor there is a mistake, caught before dynamo traces it."""
+    named = [(k, kwargs[k]) for k in _TOKEN_ID_ARGUMENTS if k in kwargs]
+    if args and getattr(model, "main_input_name", None) in _TOKEN_ID_ARGUMENTS:
+        named.append((model.main_input_name, args[0]))
+    for name, value in named:
+        if isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
+            raise DTypeMismatchError(f"{name} must be an integer tensor of token ids, got {value.dtype}")
 
 
 def _model_device(model) -> torch.device:
@@ -109,6 +133,37 @@ def _install_hf_output_hooks(model, kwargs) -> None:
         return
     if isinstance(model, PreTrainedModel):
         maybe_install_capturing_hooks(model)
+
+
+def _move_under(state_dict, prefix: str, strip: bool) -> None:
+    """Rename in place the entries under `prefix` (keys and their `_metadata`, whose keys are
+    module paths): strip=True drops the "model." level, strip=False puts it back."""
+    def renamed(path):                   # a path relative to prefix, "" for the wrapper itself
+        if strip:
+            return path[len("model."):] if path.startswith("model.") else ("" if path == "model" else None)
+        return "model." + path if path else "model"
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        new = renamed(key[len(prefix):])
+        if new is not None:
+            state_dict[prefix + new] = state_dict.pop(key)
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is None:
+        return
+    scope = prefix[:-1]
+    entries = {key: metadata.pop(key) for key in list(metadata) if key == scope or key.startswith(prefix)}
+    for key, value in entries.items():
+        new = renamed("" if key == scope else key[len(prefix):])
+        if new is not None:
+            metadata[(prefix + new) if new else scope] = value
+
+
+def _state_dict_as_model(module, state_dict, prefix, local_metadata) -> None:
+    _move_under(state_dict, prefix, strip=True)
+
+
+def _state_dict_from_model(module, state_dict, prefix, *args) -> None:
+    if not any(k.startswith(prefix + "model.") for k in state_dict):     # already in the wrapper's form
+        _move_under(state_dict, prefix, strip=False)
 
 
 def _fingerprint(model) -> tuple:
@@ -170,6 +225,9 @@ class InstrumentedModel(nn.Module):
         self._recording = None
         self._attached = True
         self.steering = Steering(self)
+        # The wrapper's state dict is the model's: keys without a "model." prefix, loadable both ways.
+        self.register_state_dict_post_hook(_state_dict_as_model)
+        self.register_load_state_dict_pre_hook(_state_dict_from_model)
 
     # ---- public surface -------------------------------------------------------------------
     @property
@@ -248,6 +306,8 @@ class InstrumentedModel(nn.Module):
         return "backend=" + self._mode
 
     def __repr__(self):
+        if not self._attached:
+            return f"InstrumentedModel({type(self.model).__name__}, detached: call attnfx.instrument(model) again)"
         if self._sites is None:
             return f"InstrumentedModel({type(self.model).__name__}, backend={self._mode}, sites not yet found)"
         return f"InstrumentedModel({type(self.model).__name__}, backend={self._mode})\n" + format_sites(self._sites)
@@ -282,6 +342,8 @@ class InstrumentedModel(nn.Module):
 
     def _call(self, args, kwargs):
         self._check_attached()
+        _check_materialised(self.model)
+        _check_token_ids(self.model, args, kwargs)
         if self._sites is None:
             self._discover(args, kwargs)
         self._check_inputs(args, kwargs)
