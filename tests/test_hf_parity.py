@@ -242,13 +242,7 @@ def test_state_dict_keys_are_the_models_and_load_into_a_fresh_model(family):
         assert_close(fresh(input_ids=ids).logits, ref)
 
 
-# The load pre-hook adds the "model." level back only when no key already starts with "model.":
-# a LlamaForCausalLM's own keys do ("model.layers.0..."), so they are taken as the wrapper's.
-LLAMA_LOAD_BUG = "InstrumentedModel.load_state_dict(llama.state_dict()) fails: keys starting with 'model.' taken as wrapper keys"
-
-
-@pytest.mark.parametrize("family", ["gpt2", pytest.param("llama", marks=pytest.mark.xfail(
-    strict=True, raises=RuntimeError, reason=LLAMA_LOAD_BUG))])
+@pytest.mark.parametrize("family", ["gpt2", "llama"])      # llama: its own keys start with "model."
 def test_wrapper_loads_a_model_state_dict(family):
     fam = FAMILIES[family]
     model = build(fam, layers=2, heads=4, kv_heads=2, seed=0).eval()

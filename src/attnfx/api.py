@@ -162,7 +162,9 @@ def _state_dict_as_model(module, state_dict, prefix, local_metadata) -> None:
 
 
 def _state_dict_from_model(module, state_dict, prefix, *args) -> None:
-    if not any(k.startswith(prefix + "model.") for k in state_dict):     # already in the wrapper's form
+    wrapper_form = {prefix + "model." + k for k in module.model.state_dict(keep_vars=True)}
+    ours = [k for k in state_dict if k.startswith(prefix)]
+    if not ours or not all(k in wrapper_form for k in ours):     # the model's form (what state_dict() gives)
         _move_under(state_dict, prefix, strip=False)
 
 
@@ -342,7 +344,8 @@ class InstrumentedModel(nn.Module):
 
     def _call(self, args, kwargs):
         self._check_attached()
-        _check_materialised(self.model)
+        if _model_device(self.model).type == "meta":     # moved to meta after instrument (one parameter: cheap)
+            _check_materialised(self.model)
         _check_token_ids(self.model, args, kwargs)
         if self._sites is None:
             self._discover(args, kwargs)
