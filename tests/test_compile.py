@@ -26,6 +26,13 @@ def test_hundred_steering_changes_do_not_recompile():
         im.steering.ablate(0, 0, how="mean", reference={"input_ids": reference_ids})   # compiles its recording
         im.steering.reset()
         im(input_ids=ids)
+        # value_unbiased's first use compiles once: κ = β·W_V + b_V joins the graph (and the
+        # mean-ablation recording's), and leaves it again after reset() without a recompile
+        im.steering.scale(0, 0, 2.0, on="value_unbiased")
+        im.steering.ablate(0, 0, how="mean", reference={"input_ids": reference_ids})
+        im(input_ids=ids)
+        im.steering.reset()
+        im(input_ids=ids)
         before = _graphs()
         outputs = set()
         for step in range(100):

@@ -230,3 +230,62 @@ def test_identity_is_bit_exact_on_eager(case, impl):
     assert torch.equal(_run(im, ids, mask), bare)
     _steered(im, 1, 0, 3.0, ids, mask)                       # steer, then back to identity
     assert torch.equal(_run(im, ids, mask), bare)
+
+
+def _compiles():
+    from torch._dynamo.utils import counters
+    return counters["attnfx"]["graphs_compiled"]
+
+
+@pytest.mark.parametrize("name", ["gpt2", "plain_bias"])
+def test_kappa_joins_the_graph_only_while_value_unbiased_is_used(name):
+    """κ costs a vector-matrix product per layer per call, so the graph holds it only once
+    on="value_unbiased" has been set (one compile), and drops it after reset() (no compile: that
+    graph is cached). With κ in the graph and every unbiased factor at 1, every other knob gives
+    bit-identical logits to the κ-free graph: κ's term is a·(1 − c)·κ = 0 exactly."""
+    case = next(c for c in CASES if c.name == name)
+    model = case.build("sdpa")
+    ids, mask = _inputs()
+    im = _instrument(model, ids, mask, backend="eager")
+    assert not im.steering.value_unbiased_in_use
+
+    def knobs():
+        im.steering.scale(0, 1, -2.0, on="z")
+        im.steering.scale(1, 0, 0.5, on="value")
+        im.steering.scale(0, 2, 1.5, on="query")
+
+    knobs()
+    without = _run(im, ids, mask)
+    before = _compiles()
+    im.steering.scale(1, 1, 1.0, on="value_unbiased")        # in use, still identity
+    assert im.steering.value_unbiased_in_use
+    with_kappa = _run(im, ids, mask)
+    assert _compiles() - before == 1                           # κ joined the graph once
+    assert torch.equal(with_kappa, without)
+    _run(im, ids, mask)
+    im.steering.reset()
+    assert not im.steering.value_unbiased_in_use
+    knobs()
+    assert torch.equal(_run(im, ids, mask), without)
+    assert _compiles() - before == 1                           # both graphs cached from here on
+
+
+def test_value_unbiased_is_seen_however_the_factor_is_written():
+    """Scoped scaling, and a write straight into the buffer (the graph's input), both steer:
+    the check is the buffer's version counter, so no device sync per call."""
+    case = next(c for c in CASES if c.name == "gpt2")
+    model = case.build("sdpa")
+    ids, mask = _inputs()
+    im = _instrument(model, ids, mask)
+    k = kappa(case, model, 1, 0, HEADS, HEAD_DIM)
+    expected = _hooked(case, model, 1, 0, 3.0, k, ids, mask)
+    with im.steering.scaled(1, 0, 3.0, on="value_unbiased"):
+        assert_close(_run(im, ids, mask), expected)
+    assert not im.steering.value_unbiased_in_use              # restored to identity on exit
+    im.v_scale_unbiased[1, 0] = 3.0
+    assert im.steering.value_unbiased_in_use
+    assert_close(_run(im, ids, mask), expected)
+    with im.steering.restoring():                             # entered off identity: stays in use
+        im.steering.reset()
+    assert im.steering.value_unbiased_in_use
+    assert_close(_run(im, ids, mask), expected)

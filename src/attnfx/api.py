@@ -168,6 +168,12 @@ def _state_dict_from_model(module, state_dict, prefix, *args) -> None:
         _move_under(state_dict, prefix, strip=False)
 
 
+@functools.lru_cache(maxsize=None)
+def _with_value_unbiased(spec: Spec) -> Spec:
+    """The spec whose graph also holds κ; one object per spec, so `is` tells a change."""
+    return replace(spec, value_unbiased=True)
+
+
 def _fingerprint(model) -> tuple:
     """Structure of a model: instances with equal fingerprints can share compiled graphs. The
     config is part of it (HF models of equal shapes differ by attn_implementation, say)."""
@@ -352,6 +358,8 @@ class InstrumentedModel(nn.Module):
         self._check_inputs(args, kwargs)
         _install_hf_output_hooks(self.model, kwargs)
         spec = self._recording.spec if self._recording is not None else PLAIN
+        if self.steering.value_unbiased_in_use:
+            spec = _with_value_unbiased(spec)
         if spec is not self._spec:
             self._set_spec(spec)
         key = (self._spec_key, _call_signature(args, kwargs))
@@ -418,6 +426,7 @@ class InstrumentedModel(nn.Module):
         for name in STEERING_STATE:
             fill = 0.0 if name in ("z_replace", "z_source") else 1.0
             self.register_buffer(name, torch.full(shapes[name], fill, device=device), persistent=False)
+        self.steering._mark_unbiased_identity()
 
     # ---- called by the backend at compile time ---------------------------------------------
     def _describe_graph(self, gm, example_inputs, found, notes) -> GraphInfo:

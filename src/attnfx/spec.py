@@ -34,6 +34,7 @@ class Spec:
     deltas: tuple[str, ...] = ()                 # component kinds given an additive zero δ
     captures: tuple[str, ...] = ()               # component kinds returned as records
     graddrop: bool = False                       # per-layer gradient switch on attn/MLP outputs
+    value_unbiased: bool = False                 # on="value_unbiased" in use: κ = β·W_V + b_V in the graph
 
     def __post_init__(self):
         unknown = sorted(set(self.records) - set(RECORD_KINDS))

@@ -24,6 +24,24 @@ class Steering:
     def __init__(self, im):
         self._im = im
         self._means: torch.Tensor | None = None     # [L, H, d] mean head output of a reference batch
+        # (buffer, version) of v_scale_unbiased when it was last known to be all ones. Any write
+        # since bumps the version counter: a host-side check, where reading the values would sync.
+        self._unbiased_identity: tuple | None = None
+
+    @property
+    def value_unbiased_in_use(self) -> bool:
+        """Whether on="value_unbiased" may be off identity since the last reset: the graph then
+        also computes κ = β·W_V + b_V (one compile the first time)."""
+        buffer = getattr(self._im, "v_scale_unbiased", None)
+        if buffer is None:
+            return False
+        if buffer.is_inference():                 # no version counter: assume written
+            return True
+        return (id(buffer), buffer._version) != self._unbiased_identity
+
+    def _mark_unbiased_identity(self) -> None:
+        buffer = self._im.v_scale_unbiased
+        self._unbiased_identity = None if buffer.is_inference() else (id(buffer), buffer._version)
 
     # ---- validation ------------------------------------------------------------------------
     def _layout(self):
@@ -72,8 +90,10 @@ class Steering:
     def scale(self, layer, head, factor, *, on: str = "z") -> None:
         """Multiply head(s) by `factor`. on="z": the head output z_h (query head); "value": the
         value vectors of kv head(s) with their bias (= z of every query head of the group);
-        "value_unbiased": only A·x·W_V, keeping b_V (TransformerLens, Yu et al. 2023); "query":
-        the query (SHIPS; scaling before RoPE, which is linear in q)."""
+        "value_unbiased": only the input-dependent part of v, keeping κ = β·W_V + b_V constant
+        (β: the bias of the norm feeding v; TransformerLens' folded biases, Yu et al. 2023; its
+        first use compiles once, as κ then joins the graph); "query": the query (SHIPS; scaling
+        before RoPE, which is linear in q)."""
         if on not in SCALE_TARGETS:
             raise InvalidArgumentError(f"on must be one of {sorted(SCALE_TARGETS)}, got {on!r}")
         layers, heads = self._pairs(layer, head, kv=on.startswith("value"))
@@ -124,6 +144,7 @@ class Steering:
         for name in ("q_scale", "v_scale", "v_scale_unbiased", "z_scale"):
             getattr(im, name).fill_(1.0)
         im.z_replace.zero_()
+        self._mark_unbiased_identity()
         if im.z_source.shape[1:3] != (1, 1):
             im.z_source = im.z_source.new_zeros(im.z_source.shape[0], 1, 1, *im.z_source.shape[3:])
         else:
@@ -136,6 +157,7 @@ class Steering:
         im = self._im
         im._check_attached()
         saved = {name: getattr(im, name).clone() for name in STEERING_STATE}
+        was_identity = not self.value_unbiased_in_use
         try:
             yield self
         finally:
@@ -145,6 +167,8 @@ class Steering:
                     current.copy_(value)              # in place: the graph keeps reading the same buffer
                 else:
                     setattr(im, name, value)          # a per-position patch source changed its shape
+            if was_identity:
+                self._mark_unbiased_identity()        # restored to all ones: κ may leave the graph
 
     def scaled(self, layer, head, factor, *, on: str = "z"):
         """`with im.steering.scaled(l, h, 3.0, on="value_unbiased"):` — scale() for the block only."""

@@ -28,7 +28,7 @@ def rewrite(gm: GraphModule, sites: list[tuple[int, AttentionSite]], spec: Spec,
     """steer → record → probe → lower → lrp, then one lint and recompile."""
     found = [site for _, site in sites]
     blocks = find_blocks(gm.graph, found, user_inputs) if spec.touches() else None
-    steered = steer.apply(gm, sites, state)
+    steered = steer.apply(gm, sites, state, value_unbiased=spec.value_unbiased)
     out = Rewritten(record.apply(gm, sites, steered, spec, state, final_norm_input))
     if spec.touches():
         out.probed, captured = probe.apply(gm, sites, blocks, steered, spec, state)

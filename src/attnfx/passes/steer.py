@@ -28,14 +28,18 @@ from ..sites import AttentionSite, example_value
 from ._build import call, replace_operand
 
 
-def apply(gm: GraphModule, sites: list[tuple[int, AttentionSite]], state: dict[str, Node]) -> dict[int, Node]:
-    """Rewrite every site; returns the steered z node of each layer (for the record pass)."""
+def apply(gm: GraphModule, sites: list[tuple[int, AttentionSite]], state: dict[str, Node], *,
+          value_unbiased: bool = True) -> dict[int, Node]:
+    """Rewrite every site; returns the steered z node of each layer (for the record pass).
+    value_unbiased=False leaves κ out: exact while every v_scale_unbiased is 1 (its term is
+    a·(1 − c)·κ = 0), and it saves a vector-matrix product per layer on every call (at decode
+    with batch 1, as much as the value projection itself)."""
     steered = {}
     for layer, site in sites:
         with gm.graph.inserting_before(site.q_user):
             _steer_query(gm, layer, site, state)
         with gm.graph.inserting_before(site.attn):
-            _steer_value(gm, layer, site, state)
+            _steer_value(gm, layer, site, state, value_unbiased)
         steered[layer] = _steer_z(gm, layer, site, state)
     return steered
 
@@ -56,7 +60,7 @@ def _steer_query(gm, layer, site: AttentionSite, state):
     replace_operand(site.q_user, site.q, q, 0, "query")
 
 
-def _steer_value(gm, layer, site: AttentionSite, state):
+def _steer_value(gm, layer, site: AttentionSite, state, value_unbiased: bool):
     g = gm.graph
     val = example_value(site.v)
     heads_v = int(val.shape[1])
@@ -64,7 +68,7 @@ def _steer_value(gm, layer, site: AttentionSite, state):
     a = call(g, operator.getitem, state["v_scale"], layer)             # [Hkv]
     c = call(g, operator.getitem, state["v_scale_unbiased"], layer)
     v = call(g, operator.mul, site.v, _head_coef(g, call(g, operator.mul, a, c), val.dtype, site.num_kv_heads, repeat))
-    kappa = _value_constant(g, site)
+    kappa = _value_constant(g, site) if value_unbiased else None
     if kappa is not None:
         const = _per_head(g, site, kappa)                              # [X, d], X ∈ {Hkv, Hv}
         rep_b = heads_v // int(example_value(site.v_bias_chain[-1]).shape[1]) if site.v_bias_chain else 1
