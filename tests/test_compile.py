@@ -55,6 +55,53 @@ def test_hundred_steering_changes_do_not_recompile():
     assert len(outputs) > 50          # the changes did change the outputs
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_new_lengths_and_batch_sizes_do_not_recompile(family):
+    """Batch and sequence are symbolic from the first call: forwards and generate() at other
+    sizes reuse its graphs (dynamo alone compiles again at the second length and batch size)."""
+    model = build(FAMILIES[family], layers=2, heads=4, kv_heads=2)
+    im = attnfx.instrument(model)
+    im.steering.scale(1, 0, 2.0, on="value")
+
+    def batch(b, t, seed):
+        ids = torch.randint(1, 64, (b, t), generator=torch.Generator().manual_seed(seed))
+        mask = torch.ones_like(ids)
+        mask[0, :2] = 0
+        return ids, mask
+
+    with torch.no_grad():
+        ids, mask = batch(2, 8, 0)
+        im(input_ids=ids, attention_mask=mask)
+        im.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        before = _graphs()
+        for b, t in [(2, 13), (3, 8), (5, 21)]:
+            ids, mask = batch(b, t, b * t)
+            assert_close(im(input_ids=ids, attention_mask=mask).logits[mask.bool()],
+                         _value_scaled(model, ids, mask)[mask.bool()])
+            im.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+        assert _graphs() == before
+
+
+def _value_scaled(model, ids, mask):
+    """The reference: kv head 0 of layer 1 doubled by a hook on the attention output projection
+    (the value scale equals z scaling every query head of the group)."""
+    attn = model.transformer.h[1].attn if hasattr(model, "transformer") else model.model.layers[1].self_attn
+    out_proj = attn.c_proj if hasattr(attn, "c_proj") else attn.o_proj
+    heads, kv = model.config.num_attention_heads, getattr(model.config, "num_key_value_heads", None)
+    group = heads // (kv or heads)
+    d = model.config.hidden_size // heads
+
+    def pre(mod, args):
+        x = args[0].clone()
+        x[..., :group * d] *= 2.0
+        return (x,)
+    handle = out_proj.register_forward_pre_hook(pre)
+    try:
+        return model(input_ids=ids, attention_mask=mask).logits
+    finally:
+        handle.remove()
+
+
 def _graph_breaks():
     return sum(counters["graph_break"].values())
 
@@ -124,16 +171,16 @@ def test_recompile_limit_fallback_raises_instead_of_returning_plain_outputs():
     im = attnfx.instrument(model)
     ids = torch.randint(1, 64, (2, 6))
     with torch.no_grad():
-        im(input_ids=torch.randint(1, 64, (2, 5)))
-        with torch._dynamo.config.patch(recompile_limit=1, automatic_dynamic_shapes=False):
+        im(input_ids=torch.randint(1, 64, (2, 5)), use_cache=False)
+        with torch._dynamo.config.patch(recompile_limit=1):
             with pytest.raises(UninstrumentedExecutionError, match="ran without attnfx"):
-                im(input_ids=ids)                                # new shape: dynamo declines
+                im(input_ids=ids, use_cache=True)                # a new constant: dynamo declines
         # dynamo skips that frame for good; attnfx traces a fresh one on the next call
         im.steering.scale(0, 1, 0.0)
         twin = attnfx.instrument(build(FAMILIES["gpt2"], layers=1, heads=2))
-        assert not torch.equal(im(input_ids=ids).logits, twin(input_ids=ids).logits)
+        assert not torch.equal(im(input_ids=ids, use_cache=True).logits, twin(input_ids=ids).logits)
         im.steering.reset()
-        assert torch.equal(im(input_ids=ids).logits, model(input_ids=ids).logits)
+        assert torch.equal(im(input_ids=ids, use_cache=True).logits, model(input_ids=ids).logits)
 
 
 class _DisabledForward(PlainTransformer):

@@ -194,6 +194,40 @@ def _call_signature(args, kwargs) -> tuple:
     return (tuple(sig(a) for a in args), tuple(sorted((k, sig(v)) for k, v in kwargs.items())))
 
 
+# Inputs whose dims 0 and 1 are batch and sequence (cache_position: dim 0 is the sequence).
+_TOKEN_INPUTS = ("input_ids", "attention_mask", "position_ids", "token_type_ids", "labels", "inputs_embeds",
+                 "cache_position", "decoder_input_ids", "decoder_attention_mask", "decoder_inputs_embeds")
+
+
+def _mark_batch_and_sequence_dynamic(args, kwargs) -> None:
+    """Compile batch and sequence sizes as symbols from the first call: dynamo would compile
+    static, then again at a second length, then again at a second batch size. Sizes 0 and 1
+    stay specialised (the call signature keeps them apart). maybe_: a model that branches on a
+    size specialises it instead of failing."""
+    tensors = [kwargs.get(name) for name in _TOKEN_INPUTS]
+    if args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
+        tensors.append(args[0])                       # input_ids passed positionally
+    marks = [(tensor, (0, 1)) for tensor in tensors]
+    for value in kwargs.values():                     # an HF KV cache: [batch, kv heads, length, head_dim]
+        marks += [(tensor, (0, 2)) for tensor in _cache_tensors(value)]
+    for tensor, dims in marks:
+        if isinstance(tensor, torch.Tensor):
+            for dim in dims:
+                if dim < tensor.dim() and tensor.shape[dim] > 1:
+                    torch._dynamo.maybe_mark_dynamic(tensor, dim)
+
+
+def _cache_tensors(cache) -> list:
+    """The key and value tensors of an HF Cache (DynamicCache: .layers[i].keys/.values; an
+    encoder-decoder cache holds two of them)."""
+    caches = [getattr(cache, name, None) for name in ("self_attention_cache", "cross_attention_cache")]
+    out = []
+    for one in [cache, *caches]:
+        for layer in getattr(one, "layers", None) or ():
+            out += [getattr(layer, "keys", None), getattr(layer, "values", None)]
+    return out
+
+
 def _traced_forward(self, *args, **kwargs):
     """Template of the traced frame. Each (model structure, spec, backend) gets its own copy of
     this code object, so dynamo's per-code-object cache (and its recompile limit) is never
@@ -363,6 +397,7 @@ class InstrumentedModel(nn.Module):
         if spec is not self._spec:
             self._set_spec(spec)
         key = (self._spec_key, _call_signature(args, kwargs))
+        _mark_batch_and_sequence_dynamic(args, kwargs)
         with calling(self) as ctx, tolerant_logging():
             out = self._compiled_for(key)(*args, **kwargs)
         try:
