@@ -1,13 +1,22 @@
-"""Steering overhead, side by side on one model and input: a plain torch.compile'd model; attnfx
-(values of kv head 0 scaled, readouts of all heads recorded) compiled with the same backend; and
-the hook way (eager pre-hooks on o_proj that scale the o_proj input columns of the query heads
-sharing that kv head, under GQA the same thing, and compute the readouts).
-Workloads: a prefill forward and greedy generate(). Run: python bench/steering.py [--quick]."""
+"""Steering overhead, side by side on one model and input.
+
+--workload compiled: a plain torch.compile'd Llama; attnfx (values of kv head 0 scaled, readouts
+of all heads recorded) compiled with the same backend; and the hook way (eager pre-hooks on o_proj
+that scale the o_proj input columns of the query heads sharing that kv head, under GQA the same
+thing, and compute the readouts). Workloads: a prefill forward and greedy generate().
+
+--workload generate: what a user of HF generate() sees: the bare model's own generate(), im.generate
+with one head's values scaled (attnfx's default backend), the same steering as an eager pre-hook,
+and nnsight's generate with the same edit at every step, if nnsight imports. GPT-2-small shape,
+batch 8, 16 greedy tokens. Target: attnfx ≤ 1.05× the model's own generate.
+
+Run: python bench/steering.py [--quick] [--workload compiled|generate|all]."""
+import warnings
 from contextlib import contextmanager
 
 import torch
 from torch._dynamo.utils import counters
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import attnfx
 from _harness import bar_plot, bench, cli, parse_args, write_json
@@ -121,11 +130,119 @@ def measure(args, case: dict):
                           "recompiles_while_timing": counters["stats"]["unique_graphs"] - graphs}
 
 
+GENERATE_MODEL = dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, n_positions=1024)   # GPT-2 small
+GENERATE_QUICK_MODEL = dict(n_layer=2, n_head=4, n_embd=64, vocab_size=100, n_positions=64)
+GENERATE = dict(prompt=(8, 32), new_tokens=16)
+GENERATE_QUICK = dict(prompt=(2, 8), new_tokens=4)
+GENERATE_TARGET = 1.05  # attnfx / the model's own generate, on every device
+
+
+def _nnsight_generate(model, cols, gen: dict):
+    """nnsight's generate with the pre-hook's edit at every step, or None when nnsight is missing.
+    A bounded iteration (one per generated token): statements after an open loop never run."""
+    try:
+        from nnsight import LanguageModel
+    except ImportError:
+        return None
+    import attnfx.models
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                 # LanguageModel's deprecation notice
+        lm = LanguageModel(model, tokenizer=attnfx.models.load_tokenizer())   # ids go in as tensors
+    c_proj = lm.transformer.h[STEER_LAYER].attn.c_proj
+
+    def generate(ids, mask):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with lm.generate({"input_ids": ids, "attention_mask": mask}, **gen) as tracer:
+                for _ in tracer.iter[:gen["max_new_tokens"]]:
+                    c_proj.input[..., cols] *= FACTOR
+                tokens = tracer.result.save()
+        return tokens
+    return generate
+
+
+def measure_generate(args) -> dict:
+    """Checks that every steered provider generates the same tokens, then times them all."""
+    case = GENERATE_QUICK if args.quick else GENERATE
+    gen = dict(max_new_tokens=case["new_tokens"], min_new_tokens=case["new_tokens"], do_sample=False,
+               pad_token_id=0)
+    torch.manual_seed(0)
+    config = GPT2Config(**(GENERATE_QUICK_MODEL if args.quick else GENERATE_MODEL), pad_token_id=0)
+    model = GPT2LMHeadModel(config).eval()
+    im = attnfx.instrument(model)
+    im.steering.scale(STEER_LAYER, STEER_KV_HEAD, FACTOR, on="value")
+    head_dim = config.n_embd // config.n_head
+    cols = slice(STEER_KV_HEAD * head_dim, (STEER_KV_HEAD + 1) * head_dim)
+    ids = torch.randint(1, config.vocab_size, case["prompt"])
+    mask = torch.ones_like(ids)
+    mask[1:, : case["prompt"][1] // 4] = 0                # left padding: the batched generate users run
+
+    def pre_hook(module, hook_args):
+        z = hook_args[0].clone()
+        z[..., cols] *= FACTOR
+        return (z, *hook_args[1:])
+
+    def hooked():
+        handle = model.transformer.h[STEER_LAYER].attn.c_proj.register_forward_pre_hook(pre_hook)
+        try:
+            return model.generate(ids, attention_mask=mask, **gen)
+        finally:
+            handle.remove()
+
+    fns = {"plain": lambda: model.generate(ids, attention_mask=mask, **gen),
+           "attnfx": lambda: im.generate(ids, attention_mask=mask, **gen),
+           "hooks": hooked}
+    twin = GPT2LMHeadModel(config).eval()                 # nnsight wraps every module of what it is given
+    twin.load_state_dict(model.state_dict())
+    nnsight = _nnsight_generate(twin, cols, gen)
+    if nnsight is not None:
+        fns["nnsight"] = lambda: nnsight(ids, mask)
+    with torch.no_grad():
+        tokens = {name: fn() for name, fn in fns.items()}      # also compiles attnfx's graphs
+        disagree = {name: int((t != tokens["hooks"]).sum()) for name, t in tokens.items() if name != "plain"}
+        changed = int((tokens["plain"] != tokens["hooks"]).sum())
+        if any(disagree.values()):
+            raise AssertionError(f"steered generations disagree with the hook reference: {disagree} tokens differ")
+        graphs = counters["stats"]["unique_graphs"]
+        times = bench(fns)
+    return {"model": {"family": "gpt2", **config.to_diff_dict()}, "case": case, "times_ms": times,
+            "ratios": {f"{p}/plain": times[p] / times["plain"] for p in fns if p != "plain"},
+            "steering": dict(layer=STEER_LAYER, head=STEER_KV_HEAD, factor=FACTOR, on="value"),
+            "attnfx_backend": im.backend, "tokens_changed_by_steering": changed,
+            "tokens_differing_from_hooks": disagree,
+            "recompiles_while_timing": counters["stats"]["unique_graphs"] - graphs,
+            "nnsight": "timed" if nnsight is not None else "not installed"}
+
+
+def main_generate(args):
+    result = measure_generate(args)
+    ratio = result["ratios"]["attnfx/plain"]
+    result["target"] = {"attnfx/plain": GENERATE_TARGET, "met": ratio <= GENERATE_TARGET}
+    path = write_json("steering_generate", result, args.out)
+    case = result["case"]
+    label = "generate {}×{} + {} tokens".format(*case["prompt"], case["new_tokens"])
+    times = result["times_ms"]
+    notes = {label: {p: f"{t:.4g} ms" + (f"\n{t / times['plain']:.3f}× plain" if p != "plain" else "")
+                     for p, t in times.items()}}
+    title = (f"{path.parent.name}\nGPT-2-small shape · attnfx backend {result['attnfx_backend']} · "
+             f"{torch.get_num_threads()} thread(s)")
+    bar_plot(path.with_suffix(".png"), title, {label: times}, notes)
+    print(path, result["ratios"])
+
+
 def main():
     parser = cli(__doc__.splitlines()[0])
     parser.add_argument("--backend", default="inductor", choices=("inductor", "aot_eager", "eager"),
-                        help="torch.compile backend of both the plain and the attnfx model")
+                        help="torch.compile backend of both the plain and the attnfx model (compiled workload)")
+    parser.add_argument("--workload", default="all", choices=("compiled", "generate", "all"))
     args = parse_args(parser)
+    if args.workload in ("generate", "all"):
+        main_generate(args)
+    if args.workload in ("compiled", "all"):
+        main_compiled(args)
+
+
+def main_compiled(args):
     case = QUICK if args.quick else FULL
     model, times, checks = measure(args, case)
     ratios = {w: {f"{p}/plain": t[p] / t["plain"] for p in ("attnfx", "hooks")} for w, t in times.items()}
