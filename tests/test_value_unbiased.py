@@ -243,6 +243,7 @@ def test_kappa_joins_the_graph_only_while_value_unbiased_is_used(name):
     on="value_unbiased" has been set (one compile), and drops it after reset() (no compile: that
     graph is cached). With κ in the graph and every unbiased factor at 1, every other knob gives
     bit-identical logits to the κ-free graph: κ's term is a·(1 − c)·κ = 0 exactly."""
+    torch._dynamo.reset()          # graphs are shared by structure: earlier tests may hold these
     case = next(c for c in CASES if c.name == name)
     model = case.build("sdpa")
     ids, mask = _inputs()

@@ -141,22 +141,25 @@ def kv_head_of(im, layer: int, head: int) -> int:
 def value_sweep(im, prompts: Prompts, layer: int, head: int, factors: Sequence[float] = SWEEP_FACTORS,
                 *, batch_size: int = 256, progress: bool = False) -> dict:
     """Answer rates with the bias-free value vectors of (layer, kv head of `head`) scaled by each
-    factor, changed at runtime; counts the graphs compiled meanwhile (0 once warm)."""
+    factor, changed at runtime. Counts the graphs compiled by the first factor (the first use of
+    value_unbiased compiles κ into the graph once) and by all later ones (0: values never compile)."""
     from torch._dynamo.utils import counters
     from tqdm import tqdm
 
     kv_head = kv_head_of(im, layer, head)
-    before, start, points = counters["attnfx"]["graphs_compiled"], time.perf_counter(), []
+    start, points, compiled = time.perf_counter(), [], []
     try:
         for factor in tqdm(factors, desc=f"value scale L{layer}H{head}", unit="scale", disable=not progress):
+            before = counters["attnfx"]["graphs_compiled"]
             im.steering.reset()
             im.steering.scale(layer, kv_head, factor, on="value_unbiased")
             points.append({"factor": float(factor), **answer_rates(im, prompts, batch_size)})
+            compiled.append(counters["attnfx"]["graphs_compiled"] - before)
     finally:
         im.steering.reset()
     return {"layer": layer, "head": head, "kv_head": kv_head, "on": "value_unbiased", "points": points,
-            "graphs_compiled": counters["attnfx"]["graphs_compiled"] - before,
-            "seconds": round(time.perf_counter() - start, 3)}
+            "graphs_compiled_first_factor": compiled[0] if compiled else 0,
+            "graphs_compiled": sum(compiled[1:]), "seconds": round(time.perf_counter() - start, 3)}
 
 
 def top_heads(dla: torch.Tensor) -> tuple[tuple[int, int], tuple[int, int]]:

@@ -11,6 +11,7 @@ from torch._dynamo.utils import counters
 from torch.fx import GraphModule
 
 from .. import passes
+from ..passes._build import fill_example_values
 from ..errors import LoweringWarning, UninstrumentedExecutionError
 from ..sites import find_sites
 from ..spec import Spec
@@ -91,6 +92,7 @@ class Backend:
     def _compile(self, gm, example_inputs):
         if self.mode == "eager":
             return gm.forward
+        fill_example_values(gm)
         if self.mode == "aot_eager":
             from torch._dynamo.backends.debugging import aot_eager
             return aot_eager(gm, example_inputs)
