@@ -397,7 +397,8 @@ class InstrumentedModel(nn.Module):
         if spec is not self._spec:
             self._set_spec(spec)
         key = (self._spec_key, _call_signature(args, kwargs))
-        _mark_batch_and_sequence_dynamic(args, kwargs)
+        if key not in self._compiled:          # marks only matter when dynamo compiles (~2 µs a tensor)
+            _mark_batch_and_sequence_dynamic(args, kwargs)
         with calling(self) as ctx, tolerant_logging():
             out = self._compiled_for(key)(*args, **kwargs)
         try:
