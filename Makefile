@@ -53,6 +53,7 @@ bench: $(STAMP)
 	$(PY) bench/relevance.py
 	$(PY) bench/faithfulness.py
 	$(PY) bench/ops_cpu.py
+	$(PY) bench/compile_times.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info src/attnfx/*.so demo-out .pytest_cache .hypothesis

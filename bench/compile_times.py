@@ -86,11 +86,11 @@ def _run_child(spec: dict, cache_dir: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def measure(models: dict, backends: list[str], threads: int) -> dict:
+def measure(models: dict, backends: list[str], threads: int, whom: list[str]) -> dict:
     results = {}
     for name, (family, config) in models.items():
         for backend in backends:
-            for who in ("bare", "attnfx"):
+            for who in whom:
                 spec = dict(family=family, config=config, backend=backend, who=who, threads=threads)
                 with tempfile.TemporaryDirectory(prefix="attnfx-inductor-cache-") as cache_dir:
                     cold = _run_child({**spec, "second_shape": True}, cache_dir)
@@ -105,7 +105,8 @@ def _plot(path, results: dict, title: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    columns = [("first call", lambda r: r["first_process"]["first_call_s"]),
+    columns = [("instrument", lambda r: r["first_process"].get("instrument_s", 0.0)),
+               ("first call", lambda r: r["first_process"]["first_call_s"]),
                ("second shape", lambda r: r["first_process"]["second_shape_s"]),
                ("2nd process, first call", lambda r: r["second_process"]["first_call_s"])]
     fig, ax = plt.subplots(figsize=(max(7, 1.3 * len(results)), 4.5))
@@ -115,7 +116,7 @@ def _plot(path, results: dict, title: str):
         values = [get(results[n]) for n in names]
         bars = ax.bar([x + i * width for x in range(len(names))], values, width, label=label)
         ax.bar_label(bars, [f"{v:.3g}" for v in values], fontsize=7, padding=2)
-    ax.set_xticks([x + width for x in range(len(names))], [n.replace("/", "\n") for n in names], fontsize=8)
+    ax.set_xticks([x + width * (len(columns) - 1) / 2 for x in range(len(names))], [n.replace("/", "\n") for n in names], fontsize=8)
     ax.set_ylabel("seconds")
     ax.set_yscale("log")
     ax.legend(fontsize=8)
@@ -132,11 +133,12 @@ def main():
     parser = cli(__doc__.splitlines()[0])
     parser.add_argument("--backends", nargs="+", default=["eager", "inductor"], choices=("eager", "aot_eager", "inductor"))
     parser.add_argument("--models", nargs="+", default=None, help="subset of the model names")
+    parser.add_argument("--who", nargs="+", default=["bare", "attnfx"], choices=("bare", "attnfx"))
     args = parse_args(parser)
     models = QUICK_MODELS if args.quick else MODELS
     if args.models:
         models = {name: models[name] for name in args.models}
-    results = measure(models, args.backends, args.threads)
+    results = measure(models, args.backends, args.threads, args.who)
     path = write_json("compile_times", {"shapes": {"first": FIRST, "second": SECOND},
                                         "models": {n: dict(family=f, **c) for n, (f, c) in models.items()},
                                         "results": results}, args.out)
