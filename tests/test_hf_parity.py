@@ -61,6 +61,34 @@ def test_output_attentions_and_hidden_states_equal_the_model(impl):
         assert_close(a, b)
 
 
+@pytest.mark.parametrize("bare_first", [True, False], ids=["bare-first", "instrumented-first"])
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_output_hooks_are_installed_once_whoever_asks_first(family, bare_first):
+    """HF installs its output-capturing hooks on the inner model (GPT2Model, LlamaModel) the first
+    time outputs are asked for. Installing them again from the outer model doubled every captured
+    output (5 hidden states instead of 3, the last ones off by 2.6) for im and for the bare model
+    after it, when the bare model had asked first."""
+    import copy
+    model = build(FAMILIES[family], layers=2, heads=4, kv_heads=2, impl="eager").eval()
+    twin = copy.deepcopy(model)
+    ids, mask = _left_padded()
+    kwargs = dict(input_ids=ids, attention_mask=mask, output_attentions=True, output_hidden_states=True)
+    with torch.no_grad():
+        ref = twin(**kwargs)
+        im = attnfx.instrument(model)
+        if bare_first:
+            model(**kwargs)
+        outputs = [im(**kwargs), model(**kwargs)]
+    for out in outputs:
+        assert len(out.hidden_states) == len(ref.hidden_states) == 3
+        assert len(out.attentions) == len(ref.attentions) == 2
+        valid = mask.bool()                               # real query positions
+        for a, b in zip(out.attentions, ref.attentions):
+            assert_close(a.transpose(1, 2)[valid], b.transpose(1, 2)[valid])
+        for a, b in zip(out.hidden_states, ref.hidden_states):
+            assert_close(a[valid], b[valid])
+
+
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
 def test_gradient_checkpointing_in_train_mode_equals_the_model(backend):
     model = build(FAMILIES["llama"], layers=2, heads=4, kv_heads=2)

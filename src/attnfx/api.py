@@ -124,15 +124,29 @@ def _install_hf_output_hooks(model, kwargs) -> None:
     config = getattr(model, "config", None)
     asked = any(k.startswith("output_") and v is not None and v is not False for k, v in kwargs.items()) or \
         any(getattr(config, f"output_{k}", False) for k in ("attentions", "hidden_states"))
-    if not asked or getattr(model, "_output_capturing_hooks_installed", False) or "transformers" not in sys.modules:
+    if not asked or "transformers" not in sys.modules:
         return
     from transformers import PreTrainedModel
     try:
         from transformers.utils.output_capturing import maybe_install_capturing_hooks
     except ImportError:                  # a transformers without lazily installed output hooks
         return
-    if isinstance(model, PreTrainedModel):
-        maybe_install_capturing_hooks(model)
+    # On the modules HF itself installs them on (GPT2LMHeadModel: its inner GPT2Model). Installing
+    # from an outer model re-installs them on an inner one HF already hooked: every output twice.
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel) and _captures_outputs(module):
+            maybe_install_capturing_hooks(module)
+
+
+def _captures_outputs(module) -> bool:
+    """Whether the module's forward is wrapped by transformers' `capture_outputs` decorator."""
+    fn = type(module).forward
+    while fn is not None:
+        code = getattr(fn, "__code__", None)
+        if code is not None and code.co_qualname.startswith("capture_outputs."):
+            return True
+        fn = getattr(fn, "__wrapped__", None)
+    return False
 
 
 def _move_under(state_dict, prefix: str, strip: bool) -> None:
