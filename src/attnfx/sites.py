@@ -29,10 +29,15 @@ _VIEW_METHODS = {"view", "reshape", "transpose", "permute", "contiguous", "expan
 _VIEW_FUNCTIONS = {torch.reshape, torch.transpose, torch.permute, torch.flatten, torch.unsqueeze,
                    torch.squeeze, torch.chunk, torch.split, torch.repeat_interleave}
 # Ops allowed between the score matmul and the softmax, and between the softmax and z.
-_SCORE_OPS = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub,
-              torch.mul, torch.div, torch.where, torch.masked_fill, F.dropout, torch.clamp}
+# In-place operators (Falcon's `scores /= √d`) are the same ops; tanh is score soft-capping
+# (Gemma-2: cap · tanh(s / cap)), an elementwise transform that leaves the pattern intact.
+_SCORE_OPS = {operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub,
+              operator.imul, operator.itruediv, torch.add, torch.sub, torch.mul, torch.div, torch.where,
+              torch.masked_fill, F.dropout, torch.clamp, torch.tanh}
 _SCORE_METHODS = {"add", "sub", "mul", "div", "masked_fill", "to", "type", "float", "half",
-                  "bfloat16", "contiguous", "clamp", "__add__", "__mul__", "__truediv__"}
+                  "bfloat16", "contiguous", "clamp", "tanh", "__add__", "__mul__", "__truediv__"}
+_NONLINEAR_SCORE_OPS = {torch.tanh}
+_NONLINEAR_SCORE_METHODS = {"tanh"}
 _CAST_METHODS = {"to", "type", "float", "half", "bfloat16", "contiguous"}
 _MATMULS = {torch.matmul, operator.matmul}
 _SOFTMAXES = {torch.softmax, F.softmax, torch.nn.functional.softmax}
@@ -115,6 +120,12 @@ def _is_view_like(node: Node) -> bool:
 def _view_input(node: Node) -> Node | None:
     src = node.args[0] if node.args else None
     return src if isinstance(src, Node) else None
+
+
+def _is_shape_keeping_view(node: Node) -> bool:
+    """A view/reshape to the shape it already had (Falcon re-views its scores and probabilities)."""
+    return (_is_call(node, (torch.reshape,), ("view", "reshape"))
+            and _view_input(node) is not None and _shape(node) == _shape(_view_input(node)))
 
 
 def _is_seq_cat(node: Node) -> bool:
@@ -230,12 +241,13 @@ def _score_matmul(softmax_in: Node) -> Node | None:
     for _ in range(12):
         if _is_call(node, _MATMULS, ("matmul",)):
             return node
-        if not _is_call(node, _SCORE_OPS, _SCORE_METHODS):
+        if not (_is_call(node, _SCORE_OPS, _SCORE_METHODS) or _is_shape_keeping_view(node)):
             return None
         nxt = None
         for arg in node.args:
             if isinstance(arg, Node) and _shape(arg) == target_shape:
-                if _is_call(arg, _MATMULS, ("matmul",)) or _is_call(arg, _SCORE_OPS, _SCORE_METHODS):
+                if (_is_call(arg, _MATMULS, ("matmul",)) or _is_call(arg, _SCORE_OPS, _SCORE_METHODS)
+                        or _is_shape_keeping_view(arg)):
                     nxt = arg
                     break
         if nxt is None:
@@ -250,7 +262,7 @@ def _value_matmul(softmax: Node) -> Node | None:
     node = softmax
     for _ in range(6):
         onward = [u for u in node.users if (_is_call(u, _MATMULS, ("matmul",)) and u.args[0] is node)
-                  or _is_call(u, (F.dropout,), _CAST_METHODS)]
+                  or _is_call(u, (F.dropout,), _CAST_METHODS) or _is_shape_keeping_view(u)]
         if len(onward) != 1:
             return None
         user = onward[0]
@@ -287,7 +299,7 @@ def _match_matmul_softmax(node: Node):
     q, k_t = scores.args[0], scores.args[1]
     k = k_t.args[0] if _is_call(k_t, (torch.transpose,), ("transpose", "mT")) else k_t
     chain = _between(scores, node)
-    masked = any(_is_call(n, (operator.add, torch.add, torch.where, torch.masked_fill),
+    masked = any(_is_call(n, (operator.add, operator.iadd, torch.add, torch.where, torch.masked_fill),
                           ("add", "masked_fill", "__add__")) for n in chain)
     return ("matmul_softmax_matmul", out, scores, q, k, out.args[1], None, masked, _chain_scale(chain[1:]),
             node.args[0])
@@ -298,12 +310,14 @@ def _chain_scale(chain: list[Node]) -> float | None:
     factor is a tensor)."""
     scale = 1.0
     for node in chain:
+        if _is_call(node, _NONLINEAR_SCORE_OPS, _NONLINEAR_SCORE_METHODS):
+            return None                        # soft-capped: no single factor
         numbers = [a for a in node.args if isinstance(a, (int, float)) and not isinstance(a, bool)]
-        if _is_call(node, (operator.mul, torch.mul), ("mul", "__mul__")):
+        if _is_call(node, (operator.mul, operator.imul, torch.mul), ("mul", "__mul__")):
             if len(numbers) != 1:
                 return None
             scale *= numbers[0]
-        elif _is_call(node, (operator.truediv, torch.div), ("div", "__truediv__")):
+        elif _is_call(node, (operator.truediv, operator.itruediv, torch.div), ("div", "__truediv__")):
             if len(numbers) != 1 or node.args[1] is not numbers[0]:
                 return None
             scale /= numbers[0]

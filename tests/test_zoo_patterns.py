@@ -1,0 +1,111 @@
+"""Attention written with extra terms between q·kᵀ and the softmax is still one pattern (issue 13):
+in-place scaling (Falcon `eager`: `scores /= √d`, multi-query), score soft-capping (Gemma-2:
+cap·tanh(s/cap)), ALiBi added to the scores (Falcon with alibi=True). On each, on the eager
+backend: the unsteered model is bit-exact, recorded z equals the output projection's input, and
+ablating or scaling a head equals a pre-hook on that projection; steering changes compile nothing."""
+import pytest
+import torch
+import transformers as T
+from torch._dynamo.utils import counters
+
+import attnfx
+from _tol import assert_close
+
+HEADS, HEAD_DIM, VOCAB = 4, 8, 64
+
+
+def _gemma2():
+    config = T.Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=HEADS, num_key_value_heads=2, head_dim=HEAD_DIM,
+                            attn_logit_softcapping=2.0, attn_implementation="eager")
+    return T.Gemma2ForCausalLM(config), lambda m, l: m.model.layers[l].self_attn.o_proj
+
+
+def _falcon(alibi: bool):
+    def make():
+        config = T.FalconConfig(vocab_size=VOCAB, hidden_size=HEADS * HEAD_DIM, num_hidden_layers=2,
+                                num_attention_heads=HEADS, alibi=alibi, attn_implementation="eager")
+        return T.FalconForCausalLM(config), lambda m, l: m.transformer.h[l].self_attention.dense
+    return make
+
+
+BUILDERS = {"gemma2-softcap": _gemma2, "falcon-mqa": _falcon(False), "falcon-alibi": _falcon(True)}
+
+
+def _inputs():
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, VOCAB, (2, 9), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0                                           # left padding in one row
+    return ids, mask
+
+
+def _build(name):
+    torch.manual_seed(0)
+    model, out_proj = BUILDERS[name]()
+    return model.eval(), out_proj
+
+
+def _hooked(model, module, edit, ids, mask):
+    """The model's logits with `edit(x)` applied to the output projection's input [b, t, H·d]."""
+    handle = module.register_forward_pre_hook(lambda mod, args: (edit(args[0].clone()), *args[1:]))
+    try:
+        with torch.no_grad():
+            return model(input_ids=ids, attention_mask=mask).logits
+    finally:
+        handle.remove()
+
+
+def _columns(head):
+    return slice(head * HEAD_DIM, (head + 1) * HEAD_DIM)
+
+
+@pytest.mark.parametrize("name", BUILDERS)
+def test_extra_score_terms_are_found_steered_and_recorded(name):
+    model, out_proj = _build(name)
+    ids, mask = _inputs()
+    valid = mask.bool()
+    im = attnfx.instrument(model, backend="eager")
+    assert len(im.sites) == 2 and im.sites[0].pattern == "matmul_softmax_matmul"
+    with torch.no_grad():
+        bare = model(input_ids=ids, attention_mask=mask).logits
+        assert torch.equal(im(input_ids=ids, attention_mask=mask).logits, bare)
+
+        captured = []
+        handle = out_proj(model, 1).register_forward_pre_hook(lambda mod, args: captured.append(args[0]))
+        with im.record("z") as rec:
+            im(input_ids=ids, attention_mask=mask)
+        handle.remove()
+        assert_close(rec["z"][1].flatten(2)[valid], captured[0][valid])
+
+        compiled = counters["attnfx"]["graphs_compiled"]
+        im.steering.ablate(1, 2)
+        ablated = im(input_ids=ids, attention_mask=mask).logits
+        im.steering.reset()
+        im.steering.scale(0, 1, 3.0, on="z")
+        scaled = im(input_ids=ids, attention_mask=mask).logits
+        im.steering.reset()
+        assert counters["attnfx"]["graphs_compiled"] == compiled
+
+    def zero(x):
+        x[..., _columns(2)] = 0.0
+        return x
+
+    def triple(x):
+        x[..., _columns(1)] *= 3.0
+        return x
+
+    assert_close(ablated[valid], _hooked(model, out_proj(model, 1), zero, ids, mask)[valid])
+    assert_close(scaled[valid], _hooked(model, out_proj(model, 0), triple, ids, mask)[valid])
+    assert not torch.allclose(ablated[valid], bare[valid])
+
+
+def test_soft_capped_scores_report_no_single_scale():
+    """cap·tanh(s/cap) is not s times a constant: the site says so instead of reporting the 1/√d
+    of its first factor (the scale is what SDPA lowering and the AtP* QK fix would use)."""
+    model, _ = _build("gemma2-softcap")
+    im = attnfx.instrument(model)
+    assert all(site.scale is None for site in im.sites)
+    falcon = attnfx.instrument(_build("falcon-mqa")[0])
+    assert all(site.scale == pytest.approx(HEAD_DIM ** -0.5) for site in falcon.sites)
+    assert falcon.sites[0].num_kv_heads == 1
