@@ -109,3 +109,14 @@ def test_soft_capped_scores_report_no_single_scale():
     falcon = attnfx.instrument(_build("falcon-mqa")[0])
     assert all(site.scale == pytest.approx(HEAD_DIM ** -0.5) for site in falcon.sites)
     assert falcon.sites[0].num_kv_heads == 1
+
+
+@pytest.mark.parametrize("name", ["falcon-mqa", "falcon-alibi"])
+def test_dla_equals_explicit_contributions_on_extra_score_terms(name):
+    from test_attribution import slow_dla
+    model, _ = _build(name)
+    ids = torch.randint(1, VOCAB, (3, 7), generator=torch.Generator().manual_seed(1))
+    im = attnfx.instrument(model)
+    targets, foils, positions = torch.tensor([3, 9, 11]), torch.tensor([5, 2, 40]), torch.tensor([6, 2, 4])
+    dla = attnfx.head_attribution(im, {"input_ids": ids}, targets, foil=foils, position=positions, reduce="none")
+    assert_close(dla, slow_dla(model, im, ids, targets, foils, positions))

@@ -173,6 +173,20 @@ def _matrix(node) -> bool:
     return isinstance(node, Node) and shape is not None and len(shape) == 2
 
 
+def _untransposed(weight, layout: str):
+    """(W, layout) with a transpose of a 2-D weight taken into the layout: Falcon's linear is
+    x @ W.T, and the parameter, not its transpose, is what W_O must name."""
+    if isinstance(weight, Node) and _matrix(weight):
+        src = weight.args[0] if weight.args else None
+        transposed = (
+            (weight.op == "call_function" and weight.target is getattr and weight.args[1:] in (("T",), ("mT",)))
+            or _is_call(weight, (torch.t,), ("t",))
+            or (_is_call(weight, (torch.transpose,), ("transpose",)) and set(weight.args[1:3]) in ({0, 1}, {-1, -2})))
+        if transposed and isinstance(src, Node) and _matrix(src):
+            return src, {"in_out": "out_in", "out_in": "in_out"}[layout]
+    return weight, layout
+
+
 def _projection(node: Node) -> Projection | None:
     """node = linear(x, W, b) / addmm(b, x, W) / matmul(x, W) (+ b), with a 2-D W and a 1-D b:
     a plain projection of x's last axis (a batched matmul is not one)."""
@@ -183,7 +197,7 @@ def _projection(node: Node) -> Projection | None:
         bias = node.args[0]
         return Projection(node, node.args[1], node.args[2], "in_out", bias if isinstance(bias, Node) else None)
     if _is_call(node, _MATMULS, ("matmul",)) and _matrix(node.args[1]):
-        return Projection(node, node.args[0], node.args[1], "in_out", None)
+        return Projection(node, node.args[0], *_untransposed(node.args[1], "in_out"), None)
     if _is_call(node, (operator.add, torch.add), ("add", "__add__")) and len(node.args) == 2:
         a, b = node.args
         for mm, bias in ((a, b), (b, a)):
@@ -191,7 +205,7 @@ def _projection(node: Node) -> Projection | None:
             if isinstance(mm, Node) and bshape is not None and len(bshape) == 1:
                 inner = _projection(mm) if _is_call(mm, _MATMULS, ("matmul",)) else None
                 if inner is not None:
-                    return Projection(node, inner.input, inner.weight, "in_out", bias)
+                    return Projection(node, inner.input, inner.weight, inner.layout, bias)
     return None
 
 
@@ -225,7 +239,7 @@ def _output_projection(z: Node, num_heads: int, head_dim: int):
         if _is_call(node, (torch.addmm,)):
             return (node, node.args[2], "in_out", node.args[0]) if seen_transpose else none
         if _is_call(node, _MATMULS, ("matmul",)) and node.args[0] is not z:
-            return (node, node.args[1], "in_out", None) if seen_transpose else none
+            return (node, *_untransposed(node.args[1], "in_out"), None) if seen_transpose else none
         if not _is_view_like(node):
             return none
         shape = _shape(node)
