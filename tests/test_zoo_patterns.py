@@ -120,3 +120,16 @@ def test_dla_equals_explicit_contributions_on_extra_score_terms(name):
     targets, foils, positions = torch.tensor([3, 9, 11]), torch.tensor([5, 2, 40]), torch.tensor([6, 2, 4])
     dla = attnfx.head_attribution(im, {"input_ids": ids}, targets, foil=foils, position=positions, reduce="none")
     assert_close(dla, slow_dla(model, im, ids, targets, foils, positions))
+
+
+def test_atp_star_qk_fix_refuses_soft_capped_scores_before_running():
+    model, _ = _build("gemma2-softcap")
+    im = attnfx.instrument(model)
+    clean, corrupt = (torch.randint(1, VOCAB, (2, 6), generator=torch.Generator().manual_seed(s)) for s in (0, 1))
+    for components in ("queries", "keys"):
+        with pytest.raises(attnfx.errors.UnsupportedModelError, match="soft-capped"):
+            attnfx.patching.atp_star(im, {"input_ids": clean}, {"input_ids": corrupt},
+                                     lambda logits: logits[:, -1, 3].sum(), components=components)
+    result = attnfx.patching.atp_star(im, {"input_ids": clean}, {"input_ids": corrupt},
+                                      lambda logits: logits[:, -1, 3].sum(), components="heads")
+    assert result.scores.shape[-2:] == (2, HEADS)

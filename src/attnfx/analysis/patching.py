@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..calls import as_call as _call, batch_and_length as _shape_of, logits_of
-from ..errors import InvalidArgumentError, ShapeMismatchError
+from ..errors import InvalidArgumentError, ShapeMismatchError, UnsupportedModelError
 from ..passes.probe import HEAD_KINDS
 from ..probing import Probing, relevance_dtype, state_shape
 from ..spec import Spec
@@ -223,6 +223,11 @@ def atp_star(im, clean, corrupt, metric: Callable, components: str = "heads", *,
     (args, kwargs), _, (batch, seq) = _check(im, clean, corrupt, components)
     layers = len(im.sites)
     qk = components in ("queries", "keys")
+    unscaled = [site.layer for site in im.sites if site.scale is None]
+    if qk and unscaled:
+        raise UnsupportedModelError(
+            f"AtP*'s QK fix recomputes the logits q·kᵀ·scale, but the scores of layer(s) {unscaled} are not "
+            "q·kᵀ times a constant (soft-capped, say); use components='heads' or attribution_patching")
     kinds = ("queries", "keys", "values", "scores") if qk else (components,)
     corrupt_logits, corrupt_acts = capture(im, corrupt, kinds[:2] if qk else kinds)
     clean_acts = capture(im, clean, kinds)[1] if qk else None
