@@ -133,9 +133,15 @@ def _install_hf_output_hooks(model, kwargs) -> None:
         return
     # On the modules HF itself installs them on (GPT2LMHeadModel: its inner GPT2Model). Installing
     # from an outer model re-installs them on an inner one HF already hooked: every output twice.
-    for module in model.modules():
-        if isinstance(module, PreTrainedModel) and _captures_outputs(module):
-            maybe_install_capturing_hooks(module)
+    capturers = _CAPTURERS.get(model)
+    if capturers is None:                # found once per model, not per decode step
+        capturers = _CAPTURERS[model] = [m for m in model.modules()
+                                         if isinstance(m, PreTrainedModel) and _captures_outputs(m)]
+    for module in capturers:
+        maybe_install_capturing_hooks(module)
+
+
+_CAPTURERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # model → its output-capturing submodels
 
 
 def _captures_outputs(module) -> bool:
