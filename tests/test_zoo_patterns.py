@@ -29,7 +29,27 @@ def _falcon(alibi: bool):
     return make
 
 
-BUILDERS = {"gemma2-softcap": _gemma2, "falcon-mqa": _falcon(False), "falcon-alibi": _falcon(True)}
+def _bloom():
+    """ALiBi through baddbmm on heads merged into the batch axis: [b·H, T, d] products."""
+    config = T.BloomConfig(vocab_size=VOCAB, hidden_size=HEADS * HEAD_DIM, n_layer=2, n_head=HEADS)
+    return T.BloomForCausalLM(config), lambda m, l: m.transformer.h[l].self_attention.dense
+
+
+def _gpt_oss():
+    """Attention sinks: a per-head logit column joined to the scores before the softmax, dropped after."""
+    config = T.GptOssConfig(vocab_size=VOCAB, hidden_size=HEADS * HEAD_DIM, intermediate_size=64,
+                            num_hidden_layers=2, num_attention_heads=HEADS, num_key_value_heads=2,
+                            head_dim=HEAD_DIM, num_local_experts=2, num_experts_per_tok=1,
+                            attn_implementation="eager")
+    model = T.GptOssForCausalLM(config)
+    with torch.no_grad():                   # HF initialises sinks to 0; make them matter
+        for layer in model.model.layers:
+            layer.self_attn.sinks.normal_()
+    return model, lambda m, l: m.model.layers[l].self_attn.o_proj
+
+
+BUILDERS = {"gemma2-softcap": _gemma2, "falcon-mqa": _falcon(False), "falcon-alibi": _falcon(True),
+            "bloom-alibi-baddbmm": _bloom, "gpt-oss-sinks": _gpt_oss}
 
 
 def _inputs():
@@ -109,9 +129,11 @@ def test_soft_capped_scores_report_no_single_scale():
     falcon = attnfx.instrument(_build("falcon-mqa")[0])
     assert all(site.scale == pytest.approx(HEAD_DIM ** -0.5) for site in falcon.sites)
     assert falcon.sites[0].num_kv_heads == 1
+    bloom = attnfx.instrument(_build("bloom-alibi-baddbmm")[0])       # baddbmm's alpha is the scale
+    assert all(site.scale == pytest.approx(HEAD_DIM ** -0.5) for site in bloom.sites)
 
 
-@pytest.mark.parametrize("name", ["falcon-mqa", "falcon-alibi"])
+@pytest.mark.parametrize("name", ["falcon-mqa", "falcon-alibi", "bloom-alibi-baddbmm", "gpt-oss-sinks"])
 def test_dla_equals_explicit_contributions_on_extra_score_terms(name):
     from test_attribution import slow_dla
     model, _ = _build(name)

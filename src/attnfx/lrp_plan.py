@@ -31,7 +31,7 @@ from torch.fx import Graph, Node
 from .blocks import ACTIVATION_FNS, ACTIVATION_METHODS, ELEMENTWISE_FNS, ELEMENTWISE_METHODS
 from .norms import Norm, find_norms
 from .ops import attention as _registers_the_op  # noqa: F401  (torch.ops.attnfx.attention)
-from .sites import AttentionSite, _is_call, _is_view_like, example_value
+from .sites import AttentionSite, _is_call, _is_view_like, example_value, score_operands
 
 _SDPA = (F.scaled_dot_product_attention,)
 _PRODUCTS_FN = {operator.mul, operator.imul, torch.mul, torch.matmul, operator.matmul, torch.bmm, torch.einsum,
@@ -136,7 +136,7 @@ def plan(graph: Graph, sources: set[Node], sites: list[AttentionSite], rule: str
     if rule == "cp-lrp":
         for site in sites:
             if site.pattern != "sdpa_call":
-                result.detach += [(site.q_user, 0), (site.q_user, 1)]
+                result.detach += score_operands(site)
     detached = {(n, i) for n, i in result.detach}
     tainted = _taint(graph, sources, stops, detached, rule)
     live = _liveness(graph, tainted, stops, outputs)

@@ -4,7 +4,10 @@ Two patterns are matched (DESIGN §1):
 
 * ``sdpa_call``: ``F.scaled_dot_product_attention(q, k, v, ...)``
 * ``matmul_softmax_matmul``: ``softmax(q @ kᵀ ⋯) @ v`` with any mix of scaling, masking,
-  dtype casts and dropout between the two matmuls (HF ``eager`` attention, hand-written code)
+  soft-capping, dtype casts and dropout between the two matmuls (HF ``eager`` attention,
+  hand-written code); the products may run on heads merged into the batch axis (``bmm``,
+  ``baddbmm`` adding ALiBi: Bloom), and extra score columns may be joined before the softmax
+  and dropped after (attention sinks: GPT-OSS)
 
 Each match becomes an :class:`AttentionSite` holding the graph nodes the passes rewrite and the
 head layout read from ``node.meta["example_value"]``. The analysis is pure: it never edits the
@@ -40,6 +43,12 @@ _NONLINEAR_SCORE_OPS = {torch.tanh}
 _NONLINEAR_SCORE_METHODS = {"tanh"}
 _CAST_METHODS = {"to", "type", "float", "half", "bfloat16", "contiguous"}
 _MATMULS = {torch.matmul, operator.matmul}
+# q·kᵀ and A·v on heads merged into the batch axis ([b·H, T, d]: Bloom, MPT); baddbmm adds a
+# term (ALiBi) and scales the product in one call.
+_BATCH_MATMULS = {torch.bmm}
+_BATCH_MATMUL_METHODS = {"bmm"}
+_SCORE_PRODUCTS = _MATMULS | _BATCH_MATMULS | {torch.baddbmm}
+_SCORE_PRODUCT_METHODS = {"matmul", "bmm", "baddbmm"}
 _SOFTMAXES = {torch.softmax, F.softmax, torch.nn.functional.softmax}
 
 
@@ -82,6 +91,9 @@ class AttentionSite:
     v_bias: Node | None = None      # bias of the projection that produces v, if any
     v_bias_chain: list[Node] = field(default_factory=list)  # v_proj output → pre-cache v (replayed on b_V, κ)
     v_proj: Projection | None = None  # the affine projection that produces v, if found
+    v_user: Node | None = None      # the node that reads v (the A @ v product, or a view merging heads)
+    score_product: Node | None = None  # q·kᵀ (matmul, bmm or baddbmm); None for SDPA
+    extra_columns: int = 0          # score columns joined before the softmax and dropped after (sinks)
 
 
 def example_value(node) -> torch.Tensor | None:
@@ -126,6 +138,25 @@ def _is_shape_keeping_view(node: Node) -> bool:
     """A view/reshape to the shape it already had (Falcon re-views its scores and probabilities)."""
     return (_is_call(node, (torch.reshape,), ("view", "reshape"))
             and _view_input(node) is not None and _shape(node) == _shape(_view_input(node)))
+
+
+def _is_head_merge_view(node: Node) -> bool:
+    """A view/reshape between [b, H, T, X] and [b·H, T, X]: the heads merged into (or split out
+    of) the batch axis, the last two axes kept."""
+    if not _is_call(node, (torch.reshape,), ("view", "reshape")) or _view_input(node) is None:
+        return False
+    before, after = _shape(_view_input(node)), _shape(node)
+    if before is None or after is None or sorted((len(before), len(after))) != [3, 4]:
+        return False
+    return before[-2:] == after[-2:] and math.prod(before[:-2]) == math.prod(after[:-2])
+
+
+def _four_d(node: Node) -> tuple[Node, Node | None]:
+    """(the [b, H, T, X] tensor behind a head-merging view, the view reading it) — or (node, None)
+    when node is already 4-D."""
+    if _is_head_merge_view(node) and len(_shape(node)) == 3:
+        return _view_input(node), node
+    return node, None
 
 
 def _is_seq_cat(node: Node) -> bool:
@@ -248,42 +279,104 @@ def _output_projection(z: Node, num_heads: int, head_dim: int):
     return none
 
 
-def _score_matmul(softmax_in: Node) -> Node | None:
-    """Walk back from the softmax input through scaling/masking to the q @ kᵀ matmul."""
-    node = softmax_in
-    target_shape = _shape(softmax_in)
-    for _ in range(12):
-        if _is_call(node, _MATMULS, ("matmul",)):
-            return node
-        if not (_is_call(node, _SCORE_OPS, _SCORE_METHODS) or _is_shape_keeping_view(node)):
+def _is_score_product(node) -> bool:
+    return _is_call(node, _SCORE_PRODUCTS, _SCORE_PRODUCT_METHODS)
+
+
+def _is_score_step(node) -> bool:
+    return (_is_call(node, _SCORE_OPS, _SCORE_METHODS) or _is_shape_keeping_view(node)
+            or _is_head_merge_view(node) or _is_column_join(node))
+
+
+def _is_column_join(node) -> bool:
+    """torch.cat of the scores with extra columns on the key axis (attention sinks: a per-head
+    logit joined before the softmax)."""
+    if not _is_call(node, (torch.cat, torch.concat, torch.concatenate)):
+        return False
+    shape = _shape(node)
+    return shape is not None and len(shape) == 4 and _arg(node, 1, "dim", 0) in (-1, 3)
+
+
+def _score_path(softmax_in: Node) -> list[Node] | None:
+    """Walk back from the softmax input through scaling, masking, soft-capping, views and
+    joined sink columns to the q·kᵀ product: [softmax_in, …, product], or None."""
+    path, node = [], softmax_in
+    for _ in range(16):
+        path.append(node)
+        if _is_score_product(node):
+            return path
+        if not _is_score_step(node):
             return None
-        nxt = None
-        for arg in node.args:
-            if isinstance(arg, Node) and _shape(arg) == target_shape:
-                if (_is_call(arg, _MATMULS, ("matmul",)) or _is_call(arg, _SCORE_OPS, _SCORE_METHODS)
-                        or _is_shape_keeping_view(arg)):
-                    nxt = arg
-                    break
-        if nxt is None:
+        shape = _shape(node)
+        if _is_head_merge_view(node):
+            candidates = [_view_input(node)]
+        elif _is_column_join(node):
+            parts = node.args[0] if isinstance(node.args[0], (list, tuple)) else []
+            candidates = [p for p in parts[:1] if isinstance(p, Node)]    # the scores come first
+        else:
+            candidates = [a for a in node.args if isinstance(a, Node) and _shape(a) == shape]
+        node = next((a for a in candidates if _is_score_product(a) or _is_score_step(a)), None)
+        if node is None:
             return None
-        node = nxt
     return None
 
 
-def _value_matmul(softmax: Node) -> Node | None:
-    """Walk forward from the softmax through casts/dropout to the A @ v matmul. Other users of
-    the probabilities (returned as `output_attentions`, say) only read them."""
-    node = softmax
-    for _ in range(6):
-        onward = [u for u in node.users if (_is_call(u, _MATMULS, ("matmul",)) and u.args[0] is node)
-                  or _is_call(u, (F.dropout,), _CAST_METHODS) or _is_shape_keeping_view(u)]
+def _product_operands(product: Node) -> tuple[Node, Node]:
+    """(q, kᵀ) of q @ kᵀ, bmm(q, kᵀ) or baddbmm(term, q, kᵀ)."""
+    if _is_call(product, (torch.baddbmm,), ("baddbmm",)):
+        return _arg(product, 1, "batch1"), _arg(product, 2, "batch2")
+    return product.args[0], product.args[1]
+
+
+def _is_column_drop(node: Node) -> bool:
+    """probs[..., :-n]: the joined sink columns dropped after the softmax."""
+    if not (node.op == "call_function" and node.target is operator.getitem):
+        return False
+    index = node.args[1]
+    return (isinstance(index, tuple) and len(index) == 2 and index[0] is Ellipsis
+            and isinstance(index[1], slice) and index[1].start in (None, 0) and index[1].step in (None, 1)
+            and isinstance(index[1].stop, int) and index[1].stop < 0)
+
+
+def _value_product(softmax: Node) -> tuple[Node, Node, int] | None:
+    """Walk forward from the softmax through casts, dropout, views and a sink-column drop to the
+    A @ v product: (product, z as [b, H, t, d], sink columns dropped). Other users of the
+    probabilities (returned as `output_attentions`, say) only read them."""
+    node, dropped = softmax, 0
+    for _ in range(8):
+        onward = [u for u in node.users if (_is_call(u, _MATMULS | _BATCH_MATMULS, ("matmul", "bmm"))
+                                            and u.args[0] is node)
+                  or _is_call(u, (F.dropout,), _CAST_METHODS) or _is_shape_keeping_view(u)
+                  or _is_head_merge_view(u) or _is_column_drop(u)]
         if len(onward) != 1:
             return None
         user = onward[0]
-        if _is_call(user, _MATMULS, ("matmul",)):
-            return user
+        if _is_column_drop(user):
+            dropped += -user.args[1][1].stop
+        if _is_call(user, _MATMULS | _BATCH_MATMULS, ("matmul", "bmm")):
+            if len(_shape(user)) == 4:
+                return user, user, dropped
+            views = [u for u in user.users if _is_head_merge_view(u)]
+            return (user, views[0], dropped) if len(user.users) == 1 and views else None
         node = user
     return None
+
+
+def value_operand(site: "AttentionSite") -> int:
+    """The operand index at which site.v_user reads v: SDPA's value (2), A @ v's right factor (1),
+    or the input of the view merging heads into the batch axis (0)."""
+    if site.pattern == "sdpa_call":
+        return 2
+    return 1 if site.v_user is site.score_product or _is_call(site.v_user, _MATMULS | _BATCH_MATMULS, ("matmul", "bmm")) else 0
+
+
+def score_operands(site: "AttentionSite") -> list[tuple[Node, int]]:
+    """(node, operand index) of q and kᵀ in the hand-written score product."""
+    product = site.score_product
+    if product is None:
+        return []
+    first = 1 if _is_call(product, (torch.baddbmm,), ("baddbmm",)) else 0
+    return [(product, first), (product, first + 1)]
 
 
 def _match_sdpa(node: Node):
@@ -306,17 +399,26 @@ def _match_matmul_softmax(node: Node):
     shape = _shape(node)
     if shape is None or len(shape) != 4 or dim not in (-1, 3):
         return None
-    scores = _score_matmul(node.args[0])
-    out = _value_matmul(node)
-    if scores is None or out is None:
+    path = _score_path(node.args[0])
+    found = _value_product(node)
+    if path is None or found is None:
         return None
-    q, k_t = scores.args[0], scores.args[1]
-    k = k_t.args[0] if _is_call(k_t, (torch.transpose,), ("transpose", "mT")) else k_t
-    chain = _between(scores, node)
+    product, z, dropped = found
+    joined = sum(int(_shape(n)[-1]) - int(_shape(_arg(n, 0, "tensors")[0])[-1]) for n in path if _is_column_join(n))
+    if joined != dropped:
+        return None                    # sink columns must be joined before and dropped after
+    q_t, k_t = _product_operands(path[-1])
+    q, q_user = _four_d(q_t)
+    k_t4, _ = _four_d(k_t)
+    k = k_t4.args[0] if _is_call(k_t4, (torch.transpose,), ("transpose", "mT")) else k_t4
+    k, _ = _four_d(k)
+    v, v_user = _four_d(product.args[1])
     masked = any(_is_call(n, (operator.add, operator.iadd, torch.add, torch.where, torch.masked_fill),
-                          ("add", "masked_fill", "__add__")) for n in chain)
-    return ("matmul_softmax_matmul", out, scores, q, k, out.args[1], None, masked, _chain_scale(chain[1:]),
-            node.args[0])
+                          ("add", "masked_fill", "__add__")) for n in path[:-1])
+    masked = masked or _is_call(path[-1], (torch.baddbmm,), ("baddbmm",))
+    return dict(pattern="matmul_softmax_matmul", attn=z, q_user=q_user or path[-1], q=q, k=k, v=v,
+                causal=None, masked=masked, scale=_chain_scale(path), scores=node.args[0],
+                v_user=v_user or product, score_product=path[-1], extra_columns=joined)
 
 
 def _chain_scale(chain: list[Node]) -> float | None:
@@ -326,6 +428,11 @@ def _chain_scale(chain: list[Node]) -> float | None:
     for node in chain:
         if _is_call(node, _NONLINEAR_SCORE_OPS, _NONLINEAR_SCORE_METHODS):
             return None                        # soft-capped: no single factor
+        if _is_call(node, (torch.baddbmm,), ("baddbmm",)):
+            alpha = _arg(node, 4, "alpha", 1)
+            if not isinstance(alpha, (int, float)):
+                return None
+            scale *= alpha
         numbers = [a for a in node.args if isinstance(a, (int, float)) and not isinstance(a, bool)]
         if _is_call(node, (operator.mul, operator.imul, torch.mul), ("mul", "__mul__")):
             if len(numbers) != 1:
@@ -336,14 +443,6 @@ def _chain_scale(chain: list[Node]) -> float | None:
                 return None
             scale /= numbers[0]
     return scale
-
-
-def _between(start: Node, end: Node) -> list[Node]:
-    nodes, node = [], end
-    while node is not start and isinstance(node, Node):
-        nodes.append(node)
-        node = next((a for a in node.args if isinstance(a, Node) and _shape(a) == _shape(end)), None)
-    return nodes
 
 
 def _module_stack_path(node: Node) -> str:
@@ -359,7 +458,10 @@ def find_sites(graph: Graph) -> tuple[list[AttentionSite], list[str]]:
         match = _match_sdpa(node) or _match_matmul_softmax(node)
         if match is None:
             continue
-        pattern, attn, q_user, q, k, v, causal, masked, scale, scores = match
+        if isinstance(match, tuple):
+            match = dict(zip(("pattern", "attn", "q_user", "q", "k", "v", "causal", "masked", "scale", "scores"), match))
+        pattern, attn, q_user, q, k, v = (match[key] for key in ("pattern", "attn", "q_user", "q", "k", "v"))
+        causal, masked, scale, scores = (match[key] for key in ("causal", "masked", "scale", "scores"))
         zshape = _shape(attn)
         if zshape is None or len(zshape) != 4 or not all(isinstance(x, Node) for x in (q, k, v)):
             notes.append(f"{pattern} at node {attn.name}: output is not [batch, heads, seq, head_dim]")
@@ -373,7 +475,9 @@ def find_sites(graph: Graph) -> tuple[list[AttentionSite], list[str]]:
             num_heads=num_heads, num_kv_heads=_count_kv_heads(k, num_heads, head_dim),
             head_dim=head_dim, module_stack_path=path, occurrence=occurrence,
             causal=causal, masked=masked, scale=scale, scores=scores,
-            kv_heads_read=int(_shape(k)[1]) if _shape(k) is not None and len(_shape(k)) == 4 else num_heads)
+            kv_heads_read=int(_shape(k)[1]) if _shape(k) is not None and len(_shape(k)) == 4 else num_heads,
+            v_user=match.get("v_user", attn), score_product=match.get("score_product"),
+            extra_columns=match.get("extra_columns", 0))
         site.o_node, site.o_weight, site.o_layout, site.o_bias = _output_projection(attn, num_heads, head_dim)
         site.v_proj, site.v_bias_chain = _value_projection(v)
         site.v_bias = site.v_proj.bias if site.v_proj is not None else None

@@ -22,7 +22,7 @@ from torch.fx import GraphModule, Node
 
 from ..lrp_plan import Plan
 from ..ops import lrp_rules
-from ..sites import example_value
+from ..sites import _is_call, example_value
 from ._build import call
 
 LRP_EPS = 1e-10          # sign-aware stabiliser of f(x)/x: relevance error ≈ ε·|grad|, negligible in fp32
@@ -119,7 +119,8 @@ def _replace_operand(g, node: Node, index: int, make) -> None:
         with g.inserting_before(node):
             node.update_arg(index, make(node.args[index]))
         return
-    name = _QKV[index] if index < 3 else None
+    names = ("input", "batch1", "batch2") if _is_call(node, (torch.baddbmm,), ("baddbmm",)) else _QKV
+    name = names[index] if index < 3 else None
     if name is not None and isinstance(node.kwargs.get(name), Node):
         with g.inserting_before(node):
             node.update_kwarg(name, make(node.kwargs[name]))

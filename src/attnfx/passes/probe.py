@@ -21,7 +21,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from ..blocks import Blocks
-from ..sites import AttentionSite, _arg, example_value
+from ..sites import AttentionSite, _arg, example_value, value_operand
 from ..spec import Spec, gate_name
 from ._build import call
 from .record import RecordKey
@@ -94,7 +94,7 @@ def _instrument(g, x: Node, kind: str, layer: int, spec: Spec, state, records) -
 
 
 def _value_operand(site: AttentionSite) -> Node:
-    return _arg(site.attn, 2, "value") if site.pattern == "sdpa_call" else site.attn.args[1]
+    return _arg(site.v_user, value_operand(site), "value")
 
 
 def _capture_scores(g, sites, records) -> None:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
 from ..norms import norm_feeding
-from ..sites import AttentionSite, example_value
+from ..sites import AttentionSite, example_value, value_operand
 from ._build import call, replace_operand
 
 
@@ -38,7 +38,7 @@ def apply(gm: GraphModule, sites: list[tuple[int, AttentionSite]], state: dict[s
     for layer, site in sites:
         with gm.graph.inserting_before(site.q_user):
             _steer_query(gm, layer, site, state)
-        with gm.graph.inserting_before(site.attn):
+        with gm.graph.inserting_before(site.v_user):
             _steer_value(gm, layer, site, state, value_unbiased)
         steered[layer] = _steer_z(gm, layer, site, state)
     return steered
@@ -78,9 +78,8 @@ def _steer_value(gm, layer, site: AttentionSite, state, value_unbiased: bool):
         coef = call(g, "view", call(g, "to", call(g, "repeat_interleave", keep, repeat), val.dtype), heads_v, 1)
         term = call(g, "view", call(g, operator.mul, call(g, "to", const, val.dtype), coef), 1, heads_v, 1, site.head_dim)
         v = call(g, operator.add, v, term)
-    value_index = 2 if site.pattern == "sdpa_call" else 1
     v.meta["example_value"] = val
-    replace_operand(site.attn, site.v, v, value_index, "value")
+    replace_operand(site.v_user, site.v, v, value_operand(site), "value")
 
 
 def _value_constant(g, site: AttentionSite) -> Node | None:
