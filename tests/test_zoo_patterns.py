@@ -155,3 +155,28 @@ def test_atp_star_qk_fix_refuses_soft_capped_scores_before_running():
     result = attnfx.patching.atp_star(im, {"input_ids": clean}, {"input_ids": corrupt},
                                       lambda logits: logits[:, -1, 3].sum(), components="heads")
     assert result.scores.shape[-2:] == (2, HEADS)
+
+
+def test_gated_head_output_is_the_direct_effect():
+    """Qwen3-Next multiplies z by σ(gate) before o_proj: W_O is still found, ablation is still a
+    zero o_proj input column, and a head's recorded contribution is (z_h ⊙ g_h) W_O,hᵀ — what the
+    o_proj input holds — not z_h W_O,hᵀ."""
+    from zoo import BY_NAME, build, inputs
+    family = BY_NAME["qwen3_next"]
+    model = build(family, "eager")
+    kw = inputs(family, model)
+    im = attnfx.instrument(model, backend="eager")
+    layer, heads = 1, (0, 3)
+    assert im.sites[layer].o_proj == f"model.layers.{layer}.self_attn.o_proj.weight"
+    o_proj = model.model.layers[layer].self_attn.o_proj
+    with torch.no_grad(), im.record("contrib", "z", heads=[(layer, h) for h in heads]) as rec:
+        im(**kw)
+    captured = []                             # from the bare model: a hook would add a user to the path
+    handle = o_proj.register_forward_pre_hook(lambda mod, args: captured.append(args[0]))
+    with torch.no_grad():
+        model(**kw)
+    handle.remove()
+    gated = captured[0].unflatten(-1, (HEADS, HEAD_DIM))                        # [b, t, H, d]
+    for h in heads:
+        assert_close(rec["contrib"][(layer, h)], gated[:, :, h] @ o_proj.weight[:, _columns(h)].T)
+    assert not torch.allclose(rec["z"][layer], gated)                            # the gate is not 1

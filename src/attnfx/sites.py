@@ -94,6 +94,7 @@ class AttentionSite:
     v_user: Node | None = None      # the node that reads v (the A @ v product, or a view merging heads)
     score_product: Node | None = None  # q·kᵀ (matmul, bmm or baddbmm); None for SDPA
     extra_columns: int = 0          # score columns joined before the softmax and dropped after (sinks)
+    gate: Node | None = None        # g of z ⊙ g between z and W_O (Qwen3-Next), laid out as z is there
 
 
 def example_value(node) -> torch.Tensor | None:
@@ -256,6 +257,29 @@ def _value_projection(v: Node) -> tuple[Projection | None, list[Node]]:
     return proj, chain
 
 
+def _gate_operand(node: Node) -> Node | None:
+    """The gate g of an elementwise product z ⊙ g on the way from z to W_O (g has z's shape there:
+    Qwen3-Next's σ(gate)); the other operand is the z path."""
+    if not _is_call(node, (operator.mul, torch.mul), ("mul", "__mul__")) or len(node.args) != 2:
+        return None
+    a, b = node.args
+    if not (isinstance(a, Node) and isinstance(b, Node)) or _shape(a) != _shape(b) or _shape(node) != _shape(a):
+        return None
+    return b
+
+
+def _gate(z: Node, o_node: Node | None) -> Node | None:
+    """The gate on the single-user path z → W_O, if any (see _output_projection)."""
+    node = z
+    while o_node is not None and node is not o_node and len(node.users) == 1:
+        user = next(iter(node.users))
+        if user is not o_node and _gate_operand(user) is not None:
+            a, b = user.args
+            return b if a is node else a
+        node = user
+    return None
+
+
 def _output_projection(z: Node, num_heads: int, head_dim: int):
     """Follow z → transpose(1, 2) → reshape [.., H*d] → projection; (node, weight, layout, bias)."""
     node, seen_transpose, none = z, False, (None, None, None, None)
@@ -271,7 +295,7 @@ def _output_projection(z: Node, num_heads: int, head_dim: int):
             return (node, node.args[2], "in_out", node.args[0]) if seen_transpose else none
         if _is_call(node, _MATMULS, ("matmul",)) and node.args[0] is not z:
             return (node, *_untransposed(node.args[1], "in_out"), None) if seen_transpose else none
-        if not _is_view_like(node):
+        if not (_is_view_like(node) or _gate_operand(node) is not None):
             return none
         shape = _shape(node)
         if shape is not None and len(shape) == 4 and shape[2] == num_heads and shape[3] == head_dim:
@@ -479,6 +503,7 @@ def find_sites(graph: Graph) -> tuple[list[AttentionSite], list[str]]:
             v_user=match.get("v_user", attn), score_product=match.get("score_product"),
             extra_columns=match.get("extra_columns", 0))
         site.o_node, site.o_weight, site.o_layout, site.o_bias = _output_projection(attn, num_heads, head_dim)
+        site.gate = _gate(attn, site.o_node)
         site.v_proj, site.v_bias_chain = _value_projection(v)
         site.v_bias = site.v_proj.bias if site.v_proj is not None else None
         sites.append(site)

@@ -1,4 +1,5 @@
 """Record pass: append records to the graph's outputs (no hooks, no side effects).
+With a gate z ⊙ g between z and W_O, readouts and contributions use z ⊙ g (the direct effect).
 
 * ``z``        the steered head output, [b, t, H, d]
 * ``readout``  z_h · u_h with u_h = W_O[:, h]ᵀ r_k, [b, t, H, K] in fp32 — the contraction runs
@@ -14,7 +15,7 @@ from typing import NamedTuple
 import torch
 from torch.fx import GraphModule, Node
 
-from ..sites import AttentionSite
+from ..sites import AttentionSite, example_value
 from ..spec import Spec
 from ._build import call
 
@@ -35,6 +36,8 @@ def apply(gm: GraphModule, sites: list[tuple[int, AttentionSite]], steered: dict
             z = steered[layer]
             if "z" in spec.records:
                 records.append((RecordKey("z", layer), call(g, "transpose", z, 1, 2)))
+            if site.gate is not None and ("readout" in spec.records or "contrib" in spec.records):
+                z = _gated(g, site, z)
             if "readout" in spec.records:
                 records.append((RecordKey("readout", layer), _readout(g, layer, site, z, state)))
             heads = tuple(h for (l, h) in spec.contrib_heads if l == layer)
@@ -51,6 +54,15 @@ def append_outputs(gm: GraphModule, records: list[tuple[RecordKey, Node]]) -> li
     output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
     output.args = (tuple(output.args[0]) + tuple(node for _, node in records),)
     return [key for key, _ in records]
+
+
+def _gated(g, site: AttentionSite, z: Node) -> Node:
+    """z ⊙ g per head, [b, H, t, d]: what W_O reads when a gate sits between them, so readouts and
+    contributions are the head's direct effect."""
+    gate = site.gate
+    if len(example_value(gate).shape) == 3:                   # [b, t, H·d]
+        gate = call(g, "unflatten", gate, -1, (site.num_heads, site.head_dim))
+    return call(g, operator.mul, z, call(g, "to", call(g, "transpose", gate, 1, 2), example_value(site.attn).dtype))
 
 
 def _per_head_weight(g, site: AttentionSite) -> tuple[Node, str]:
