@@ -180,3 +180,16 @@ def test_gated_head_output_is_the_direct_effect():
     for h in heads:
         assert_close(rec["contrib"][(layer, h)], gated[:, :, h] @ o_proj.weight[:, _columns(h)].T)
     assert not torch.allclose(rec["z"][layer], gated)                            # the gate is not 1
+
+
+def test_encoder_decoder_is_instrumented_without_example_inputs():
+    """T5 does not derive decoder inputs from input_ids: the default example gives both, so the
+    six sites (encoder self, decoder self and cross) are found at instrument time."""
+    from zoo import BY_NAME, build, inputs
+    family = BY_NAME["t5"]
+    model = build(family, "eager")
+    im = attnfx.instrument(model, backend="eager")
+    assert len(im.sites) == 6
+    kw = inputs(family, model)
+    with torch.no_grad():
+        assert torch.equal(im(**kw).logits, model(**kw).logits)

@@ -107,12 +107,15 @@ def _model_device(model) -> torch.device:
 
 
 def _default_example_inputs(model):
-    """HF models take input_ids; four tokens are enough to find every site."""
+    """HF models take input_ids (and an encoder-decoder, decoder_input_ids: T5 will not make them
+    from input_ids); four tokens are enough to find every site."""
     is_hf = type(model).__module__.startswith("transformers.") and hasattr(model, "config")
     if not is_hf or getattr(model, "main_input_name", None) != "input_ids":
         return None
     vocab = getattr(model.config, "vocab_size", None) or 4
     ids = torch.arange(1, 5, device=_model_device(model))[None] % vocab
+    if getattr(model.config, "is_encoder_decoder", False):
+        return {"input_ids": ids, "decoder_input_ids": ids}
     return {"input_ids": ids}
 
 
