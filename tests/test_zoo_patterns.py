@@ -1,6 +1,8 @@
 """Attention written with extra terms between q·kᵀ and the softmax is still one pattern (issue 13):
 in-place scaling (Falcon `eager`: `scores /= √d`, multi-query), score soft-capping (Gemma-2:
-cap·tanh(s/cap)), ALiBi added to the scores (Falcon with alibi=True). On each, on the eager
+cap·tanh(s/cap)), ALiBi added to the scores (Falcon with alibi=True; Bloom through baddbmm on
+heads merged into the batch axis), disentangled position terms (DeBERTa-v2), attention sinks
+joined before the softmax and dropped after (GPT-OSS). On each, on the eager
 backend: the unsteered model is bit-exact, recorded z equals the output projection's input, and
 ablating or scaling a head equals a pre-hook on that projection; steering changes compile nothing."""
 import pytest
@@ -48,8 +50,18 @@ def _gpt_oss():
     return model, lambda m, l: m.model.layers[l].self_attn.o_proj
 
 
+def _deberta_v2():
+    """Disentangled attention: content-to-position and position-to-content terms added to q·kᵀ,
+    on heads merged into the batch axis, with k divided by a tensor scale."""
+    config = T.DebertaV2Config(vocab_size=VOCAB, hidden_size=HEADS * HEAD_DIM, intermediate_size=64,
+                               num_hidden_layers=2, num_attention_heads=HEADS, relative_attention=True,
+                               pos_att_type=["p2c", "c2p"], position_buckets=16, max_relative_positions=32,
+                               share_att_key=True, norm_rel_ebd="layer_norm", position_biased_input=False)
+    return T.DebertaV2ForMaskedLM(config), lambda m, l: m.deberta.encoder.layer[l].attention.output.dense
+
+
 BUILDERS = {"gemma2-softcap": _gemma2, "falcon-mqa": _falcon(False), "falcon-alibi": _falcon(True),
-            "bloom-alibi-baddbmm": _bloom, "gpt-oss-sinks": _gpt_oss}
+            "bloom-alibi-baddbmm": _bloom, "gpt-oss-sinks": _gpt_oss, "deberta-v2-disentangled": _deberta_v2}
 
 
 def _inputs():
