@@ -205,3 +205,22 @@ def test_encoder_decoder_is_instrumented_without_example_inputs():
     kw = inputs(family, model)
     with torch.no_grad():
         assert torch.equal(im(**kw).logits, model(**kw).logits)
+
+
+@pytest.mark.parametrize("name, impl", [("t5", "eager"), ("bart", "sdpa"), ("whisper", "sdpa"), ("gpt2", "sdpa"),
+                                        ("deepseek_v3", "eager"), ("bert", "sdpa")])
+def test_sites_are_labelled_encoder_decoder_self_cross_by_dataflow(name, impl):
+    """Cross-attention reads keys from another stream; the encoder is what feeds those keys. A
+    decoder-only or encoder-only model has no stack label (DeepSeek's low-rank q and kv paths are
+    still self-attention)."""
+    from zoo import BY_NAME, build, inputs
+    family = BY_NAME[name]
+    model = build(family, impl)
+    im = attnfx.instrument(model, backend="eager", example_inputs=inputs(family, model))
+    labels = [(s.stack, s.attends) for s in im.sites]
+    if family.head in ("seq2seq", "speech2seq"):
+        assert labels == [("encoder", "self")] * 2 + [("decoder", "self"), ("decoder", "cross")] * 2
+        assert all((".encoder." in "." + s.module_path) == (s.stack == "encoder") for s in im.sites)
+        assert "decoder cross" in repr(im)
+    else:
+        assert labels == [(None, "self")] * 2

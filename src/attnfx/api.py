@@ -26,6 +26,7 @@ from .capture.logging_calls import tolerant_logging
 from .errors import (AlreadyInstrumentedError, DetachedError, DeviceMismatchError, DTypeMismatchError,
                      InvalidArgumentError, NoAttentionFoundError, NotDiscoveredError,
                      UninstrumentedExecutionError, UnsupportedModelError)
+from .roles import site_roles
 from .sites import PATTERNS, example_value
 from .spec import DISCOVER, PLAIN, STEERING_STATE, Spec
 from .siteinfo import FinalNormInfo, GraphInfo, SiteInfo, format_sites, module_path
@@ -491,8 +492,9 @@ class InstrumentedModel(nn.Module):
     def _describe_graph(self, gm, example_inputs, found, notes) -> GraphInfo:
         names = self._placeholder_names(gm, example_inputs)
         module_names = {name for name, _ in self.model.named_modules()}
+        roles = site_roles(gm.graph, found, {node for node, name in names.items() if name is None})
         infos = []
-        for site in found:
+        for site, (stack, attends) in zip(found, roles):
             path = module_path(site.module_stack_path, module_names)
             o_val = example_value(site.o_weight) if site.o_weight is not None else None
             d_model = None if o_val is None else int(o_val.shape[0] if site.o_layout == "out_in" else o_val.shape[1])
@@ -501,7 +503,8 @@ class InstrumentedModel(nn.Module):
                 pattern=site.pattern, num_heads=site.num_heads, num_kv_heads=site.num_kv_heads,
                 head_dim=site.head_dim, d_model=d_model, causal=site.causal, masked=site.masked,
                 o_proj=names.get(site.o_weight), value_bias=names.get(site.v_bias),
-                occurrence=site.occurrence, scale=site.scale, kv_heads_read=site.kv_heads_read))
+                occurrence=site.occurrence, scale=site.scale, kv_heads_read=site.kv_heads_read,
+                stack=stack, attends=attends))
         if self._sites is not None and any(i.layer < 0 for i in infos):
             raise NoAttentionFoundError(
                 f"a recompiled graph holds attention sites not seen when the model was first instrumented: "

@@ -24,6 +24,8 @@ class SiteInfo:
     occurrence: int = 0
     scale: float | None = None    # the softmax scale on q·k (None: not a constant)
     kv_heads_read: int = 0        # heads of k and v as the attention reads them (after any repeat)
+    stack: str | None = None      # "encoder" | "decoder" in an encoder–decoder graph, else None
+    attends: str = "self"         # "self" | "cross" (keys and values from another stream)
 
 
 @dataclass(frozen=True)
@@ -56,8 +58,9 @@ def module_path(stack_path: str, module_names: set[str]) -> str:
 
 
 def format_sites(sites) -> str:
-    header = ("layer", "module", "pattern", "heads", "kv heads", "head dim", "mask", "W_O")
-    rows = [header] + [(str(s.layer), s.module_path or "<root>", s.pattern, str(s.num_heads),
+    header = ("layer", "module", "pattern", "role", "heads", "kv heads", "head dim", "mask", "W_O")
+    rows = [header] + [(str(s.layer), s.module_path or "<root>", s.pattern,
+                        " ".join(filter(None, (s.stack, s.attends))), str(s.num_heads),
                         str(s.num_kv_heads), str(s.head_dim),
                         "causal" if s.causal else ("explicit" if s.masked else "none"),
                         s.o_proj or "-") for s in sites]
