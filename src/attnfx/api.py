@@ -470,15 +470,15 @@ class InstrumentedModel(nn.Module):
             raise NoAttentionFoundError(
                 f"no attention found in {type(self.model).__name__}: searched the captured graph(s) for "
                 f"{', '.join(PATTERNS)} (F.scaled_dot_product_attention, softmax(q @ kᵀ) @ v); {notes}")
-        layouts = {(i.num_heads, i.num_kv_heads, i.head_dim) for i in infos}
-        if len(layouts) != 1:
-            raise UnsupportedModelError(f"layers differ in (heads, kv_heads, head_dim): {sorted(layouts)}")
+        widest = tuple(max(values) for values in zip(*((i.num_heads, i.num_kv_heads, i.head_dim) for i in infos)))
         self._layer_of = {(i.module_path, i.occurrence): n for n, i in enumerate(infos)}
         self._sites = tuple(replace(i, layer=n) for n, i in enumerate(infos))
         self._final_norm = ctx.final_norm
-        self._allocate_state(*layouts.pop())
+        self._allocate_state(*widest)
 
     def _allocate_state(self, heads: int, kv_heads: int, head_dim: int):
+        """Per-head state [L, H, ...] sized for the widest layer: a layer with fewer heads (or a
+        narrower head) reads its first H_l rows (and d_l columns)."""
         layers, device = len(self._sites), _model_device(self.model)
         shapes = {"q_scale": (layers, heads), "v_scale": (layers, kv_heads),
                   "v_scale_unbiased": (layers, kv_heads), "z_scale": (layers, heads),

@@ -36,3 +36,17 @@ def as_indices(value, size: int, what: str) -> list[int]:
     if not items:
         raise SiteIndexError(f"empty {what} list")
     return [as_index(item, size, what) for item in items]
+
+
+def padded_stack(tensors: list, dim: int = 0, fill: float = 0.0):
+    """torch.stack of per-layer tensors whose head (and head-dim) axes may differ between layers:
+    each is padded at the end of every axis with `fill` to the widest (a pruned or hybrid model)."""
+    widest = [max(t.shape[axis] for t in tensors) for axis in range(tensors[0].dim())]
+    padded = []
+    for t in tensors:
+        if list(t.shape) != widest:
+            grown = t.new_full(widest, fill)
+            grown[tuple(slice(0, n) for n in t.shape)] = t
+            t = grown
+        padded.append(t)
+    return torch.stack(padded, dim=dim)

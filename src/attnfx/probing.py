@@ -14,8 +14,8 @@ from .spec import STEERING_STATE, Spec
 
 def state_shape(im, kind: str, batch: int, seq: int, *, per_dim: bool) -> tuple[int, ...]:
     """[L, b, t(, H)] for weights and gates, [..., d] for sources and deltas ([b, t(, d)] for tokens)."""
-    site = im.sites[0]
-    heads = site.kv_heads_read if kind in ("keys", "values") else site.num_heads
+    sites = im.sites                    # sized for the widest layer (layers may differ in heads)
+    heads = max(s.kv_heads_read if kind in ("keys", "values") else s.num_heads for s in sites)
     if kind == "tokens":
         shape = (batch, seq)
     elif kind in HEAD_KINDS:
@@ -24,7 +24,7 @@ def state_shape(im, kind: str, batch: int, seq: int, *, per_dim: bool) -> tuple[
         shape = (len(im.sites), batch, seq)
     if not per_dim:
         return shape
-    width = site.head_dim if kind in HEAD_KINDS else site.d_model
+    width = max(s.head_dim for s in sites) if kind in HEAD_KINDS else sites[0].d_model
     if width is None:
         raise InvalidArgumentError(f"the width of '{kind}' components is unknown (no output projection found)")
     return shape + (width,)

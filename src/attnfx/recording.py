@@ -14,7 +14,7 @@ import torch
 
 from .errors import (DeviceMismatchError, DTypeMismatchError, InvalidArgumentError,
                      ShapeMismatchError, SteeringValueError)
-from .indices import as_index
+from .indices import as_index, padded_stack
 from .spec import RECORD_KINDS, Spec
 
 
@@ -60,8 +60,8 @@ class Recording:
     def _check_heads(heads, sites) -> tuple[tuple[int, int], ...]:
         if not heads:
             raise InvalidArgumentError("recording 'contrib' needs heads=[(layer, head), ...]")
-        pairs = [(as_index(layer, len(sites), "layer"), as_index(head, sites[0].num_heads, "head"))
-                 for layer, head in heads]
+        layers = [as_index(layer, len(sites), "layer") for layer, _ in heads]
+        pairs = [(l, as_index(head, sites[l].num_heads, "head")) for l, (_, head) in zip(layers, heads)]
         return tuple(sorted(set(pairs)))
 
     # ---- context manager -------------------------------------------------------------------
@@ -105,7 +105,8 @@ class Recording:
             call["z"] = [z[layer] for layer in range(layers)]
         if "readout" in per_kind:
             r = {layer: t for (layer, _), t in per_kind["readout"].items()}
-            call["readout"] = torch.stack([r[layer] for layer in range(layers)], dim=2)
+            # heads a layer lacks (layers differing in heads) read NaN: not a head, not a zero effect
+            call["readout"] = padded_stack([r[layer] for layer in range(layers)], dim=2, fill=float("nan"))
         if "contrib" in per_kind:
             call["contrib"] = {(layer, h): t[:, :, i] for (layer, heads), t in per_kind["contrib"].items()
                                for i, h in enumerate(heads)}

@@ -191,7 +191,10 @@ def _count_kv_heads(k: Node, num_heads: int, head_dim: int) -> int:
     counts = [int(shape[1])] if shape is not None and len(shape) == 4 else [num_heads]
     for node in _walk_back(k):
         node_shape = _shape(node)
-        if node_shape is not None and len(node_shape) == 5 and node_shape[-1] == head_dim:
+        # repeat_kv's expand [b, Hkv, n_rep, T, d] (not any 5-D view: a fused qkv permuted to
+        # [3, b, H, T, d] has the batch there)
+        if (node_shape is not None and len(node_shape) == 5 and node_shape[-1] == head_dim
+                and _is_call(node, (), ("expand",))):
             counts.append(int(node_shape[1]))
         if _is_call(node, (torch.repeat_interleave,), ("repeat_interleave",)):
             source = _shape(node.args[0])

@@ -12,7 +12,7 @@ import torch
 from .errors import (DeviceMismatchError, DTypeMismatchError, InvalidArgumentError,
                      ShapeMismatchError, SiteIndexError, SteeringValueError)
 from .calls import as_call
-from .indices import as_indices
+from .indices import as_indices, padded_stack
 from .spec import STEERING_STATE
 
 SCALE_TARGETS = {"z": "z_scale", "value": "v_scale", "value_unbiased": "v_scale_unbiased",
@@ -44,15 +44,14 @@ class Steering:
         self._unbiased_identity = None if buffer.is_inference() else (id(buffer), buffer._version)
 
     # ---- validation ------------------------------------------------------------------------
-    def _layout(self):
-        site = self._im.sites[0]
-        return len(self._im.sites), site.num_heads, site.num_kv_heads, site.head_dim
-
     def _pairs(self, layer, head, kv: bool = False) -> tuple[list[int], list[int]]:
+        """Validated (layers, heads); a head must exist in every layer named (layers may differ
+        in their numbers of heads)."""
         self._im._check_attached()
-        layers_n, heads_n, kv_n, _ = self._layout()
-        return (as_indices(layer, layers_n, "layer"),
-                as_indices(head, kv_n if kv else heads_n, "kv head" if kv else "head"))
+        sites = self._im.sites
+        layers = as_indices(layer, len(sites), "layer")
+        count = min(sites[l].num_kv_heads if kv else sites[l].num_heads for l in layers)
+        return layers, as_indices(head, count, "kv head" if kv else "head")
 
     @staticmethod
     def _factor(factor) -> float:
@@ -67,8 +66,8 @@ class Steering:
             raise SteeringValueError(f"factor must be finite, got {factor}")
         return float(factor)
 
-    def _source_tensor(self, z_source, n_heads: int) -> torch.Tensor:
-        _, _, _, head_dim = self._layout()
+    def _source_tensor(self, z_source, n_heads: int, layer: int) -> torch.Tensor:
+        head_dim = self._im.sites[layer].head_dim
         if not isinstance(z_source, torch.Tensor):
             raise SteeringValueError(f"z_source must be a tensor, got {type(z_source).__name__}")
         if not z_source.is_floating_point():
@@ -115,7 +114,7 @@ class Steering:
         im = self._im
         for l in layers:
             for h in heads:
-                im.z_source[l, :, :, h] = 0.0 if how == "zero" else self._means[l, h]
+                im.z_source[l, :, :, h] = 0.0 if how == "zero" else self._means[l, h]     # [d_max], zero-padded
             im.z_replace[l, heads] = 1.0
 
     def patch(self, layer: int, head, z_source: torch.Tensor) -> None:
@@ -124,7 +123,7 @@ class Steering:
         layers, heads = self._pairs(layer, head)
         if len(layers) != 1:
             raise SiteIndexError("patch takes one layer at a time")
-        source = self._source_tensor(z_source, len(heads))
+        source = self._source_tensor(z_source, len(heads), layers[0])
         im = self._im
         current = im.z_source
         if current.shape[1:3] != source.shape[:2]:
@@ -134,7 +133,7 @@ class Steering:
                     f"got [batch={source.shape[0]}, seq={source.shape[1]}]; call steering.reset() first")
             full = current.expand(-1, source.shape[0], source.shape[1], -1, -1).clone()
             im.z_source = full               # new shape: the next call compiles once for it
-        im.z_source[layers[0], :, :, heads] = source.to(im.z_source.dtype)
+        im.z_source[layers[0], :, :, heads, :source.shape[-1]] = source.to(im.z_source.dtype)
         im.z_replace[layers[0], heads] = 1.0
 
     def reset(self) -> None:
@@ -206,14 +205,15 @@ class Steering:
     # ---- helpers ---------------------------------------------------------------------------
     @torch.no_grad()
     def mean_z(self, reference) -> torch.Tensor:
-        """Mean head output [L, H, d] over the reference batch's valid positions, unsteered."""
+        """Mean head output [L, H, d] over the reference batch's valid positions, unsteered (heads
+        and dims a layer lacks are 0)."""
         im = self._im
         args, kwargs = as_call(reference)
         with self.restoring():
             self.reset()
             with im.record("z") as rec:
                 im(*args, **kwargs)
-        z = torch.stack(rec["z"]).float()                          # [L, b, t, H, d]
+        z = padded_stack(rec["z"]).float()                         # [L, b, t, H, d] (widest layer)
         mask = kwargs.get("attention_mask")
         if mask is None:
             return z.mean(dim=(1, 2))

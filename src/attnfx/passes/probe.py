@@ -67,19 +67,21 @@ def _instrument(g, x: Node, kind: str, layer: int, spec: Spec, state, records) -
     users = list(x.users)
     dtype = example_value(x).dtype
     heads = kind in HEAD_KINDS
+    # head states are sized for the widest layer: this component reads its own heads and dims
+    fit = tuple(example_value(x).shape[i] for i in (1, 3)) if heads else None
     with g.inserting_before(x.next):
         y = x
         if kind in spec.patches:
-            weight = _layout(g, _pick(g, state[f"patch_w_{kind}"], layer), heads, per_dim=False)
-            source = _layout(g, _pick(g, state[f"patch_src_{kind}"], layer), heads, per_dim=True)
+            weight = _layout(g, _pick(g, state[f"patch_w_{kind}"], layer, fit, per_dim=False), heads, per_dim=False)
+            source = _layout(g, _pick(g, state[f"patch_src_{kind}"], layer, fit, per_dim=True), heads, per_dim=True)
             y = call(g, torch.lerp, y, call(g, "to", source, dtype), call(g, "to", weight, dtype))
         if kind in spec.deltas:
-            delta = _layout(g, _pick(g, state[f"delta_{kind}"], layer), heads, per_dim=True)
+            delta = _layout(g, _pick(g, state[f"delta_{kind}"], layer, fit, per_dim=True), heads, per_dim=True)
             y = call(g, operator.add, y, call(g, "to", delta, dtype))
         if kind in spec.captures:
             records.append((RecordKey(f"capture:{kind}", layer), call(g, "transpose", y, 1, 2) if heads else y))
         if kind in spec.probes:
-            gate = _layout(g, _pick(g, state[gate_name(kind)], layer), heads, per_dim=False)
+            gate = _layout(g, _pick(g, state[gate_name(kind)], layer, fit, per_dim=False), heads, per_dim=False)
             wide = call(g, "to", y, torch.promote_types(dtype, torch.float32))      # fp32, or fp64 for fp64
             y = call(g, "to", call(g, operator.mul, wide, gate), dtype)
         if spec.graddrop and kind in ("attn", "mlp"):
@@ -128,8 +130,15 @@ def sdpa_scores(q, k, attn_mask, is_causal: bool, scale: float):
     return scores
 
 
-def _pick(g, state: Node, layer: int) -> Node:
-    return state if layer < 0 else call(g, operator.getitem, state, layer)
+def _pick(g, state: Node, layer: int, fit: tuple | None = None, *, per_dim: bool = False) -> Node:
+    """The layer's slice of a state [L, b, t(, H)(, d)]; for head kinds cut to the component's
+    (H, d) — a full slice unless layers differ in heads."""
+    if layer < 0:
+        return state
+    if fit is None:
+        return call(g, operator.getitem, state, layer)
+    index = (layer, slice(None), slice(None), slice(None, fit[0])) + ((slice(None, fit[1]),) if per_dim else ())
+    return call(g, operator.getitem, state, index)
 
 
 def _layout(g, value: Node, heads: bool, per_dim: bool) -> Node:

@@ -44,6 +44,12 @@ def apply(gm: GraphModule, sites: list[tuple[int, AttentionSite]], state: dict[s
     return steered
 
 
+def _row(g, state: Node, layer: int, heads: int) -> Node:
+    """The layer's row of a per-head state [L, H_max], cut to its own heads (H_max when layers
+    differ in heads; a full slice, so bit-exact, otherwise)."""
+    return call(g, operator.getitem, state, (layer, slice(None, heads)))
+
+
 def _head_coef(g, row: Node, dtype, heads: int, repeat: int = 1) -> Node:
     """[H] fp32 state row → [1, H·repeat, 1, 1] in the activation dtype."""
     if repeat > 1:
@@ -54,7 +60,7 @@ def _head_coef(g, row: Node, dtype, heads: int, repeat: int = 1) -> Node:
 def _steer_query(gm, layer, site: AttentionSite, state):
     g = gm.graph
     dtype = example_value(site.q).dtype
-    coef = _head_coef(g, call(g, operator.getitem, state["q_scale"], layer), dtype, site.num_heads)
+    coef = _head_coef(g, _row(g, state["q_scale"], layer, site.num_heads), dtype, site.num_heads)
     q = call(g, operator.mul, site.q, coef)
     q.meta["example_value"] = example_value(site.q)           # same shape and dtype: later passes read it
     replace_operand(site.q_user, site.q, q, 0, "query")
@@ -65,8 +71,8 @@ def _steer_value(gm, layer, site: AttentionSite, state, value_unbiased: bool):
     val = example_value(site.v)
     heads_v = int(val.shape[1])
     repeat = heads_v // site.num_kv_heads
-    a = call(g, operator.getitem, state["v_scale"], layer)             # [Hkv]
-    c = call(g, operator.getitem, state["v_scale_unbiased"], layer)
+    a = _row(g, state["v_scale"], layer, site.num_kv_heads)              # [Hkv]
+    c = _row(g, state["v_scale_unbiased"], layer, site.num_kv_heads)
     v = call(g, operator.mul, site.v, _head_coef(g, call(g, operator.mul, a, c), val.dtype, site.num_kv_heads, repeat))
     kappa = _value_constant(g, site) if value_unbiased else None
     if kappa is not None:
@@ -122,10 +128,11 @@ def _steer_z(gm, layer, site: AttentionSite, state) -> Node:
     dtype = example_value(z).dtype
     users = list(z.users)
     with g.inserting_before(z.next):
-        scale = call(g, operator.getitem, state["z_scale"], layer)
-        weight = call(g, operator.getitem, state["z_replace"], layer)
+        scale = _row(g, state["z_scale"], layer, site.num_heads)
+        weight = _row(g, state["z_replace"], layer, site.num_heads)
         keep = _head_coef(g, call(g, operator.mul, scale, call(g, operator.sub, 1.0, weight)), dtype, site.num_heads)
-        source = call(g, "to", call(g, "permute", call(g, operator.getitem, state["z_source"], layer), 0, 2, 1, 3), dtype)
+        own = call(g, operator.getitem, state["z_source"], (layer, Ellipsis, slice(None, site.num_heads), slice(None, site.head_dim)))
+        source = call(g, "to", call(g, "permute", own, 0, 2, 1, 3), dtype)
         mixed = call(g, operator.mul, source, _head_coef(g, weight, dtype, site.num_heads))
         new_z = call(g, operator.add, call(g, operator.mul, z, keep), mixed)
     for user in users:
