@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.fx import Graph, Node
 
-PATTERNS = ("sdpa_call", "matmul_softmax_matmul")
+PATTERNS = ("sdpa_call", "matmul_softmax_matmul", "flex_attention")
 
 # Ops that only re-lay out one tensor: walking through them keeps the values of a head.
 # (repeat_interleave repeats whole heads for GQA, so it keeps every head's values too.)
@@ -419,6 +419,18 @@ def _match_sdpa(node: Node):
     return "sdpa_call", node, node, q, k, v, (causal if mask is None else None), mask is not None, scale, None
 
 
+def _match_flex(node: Node):
+    """flex attention's output (passes/flex.py: flex_output(q, key=k, value=v, score_mod=...,
+    block_mask=...)): masking and score changes live in score_mod and block_mask, which stay."""
+    from .passes.flex import flex_output          # passes import this module
+    if not (node.op == "call_function" and node.target is flex_output):
+        return None
+    q, k, v = node.args[0], node.kwargs["key"], node.kwargs["value"]
+    scale = node.kwargs.get("scale")
+    scale = float(scale) if isinstance(scale, (int, float)) else None
+    return "flex_attention", node, node, q, k, v, None, True, scale, None
+
+
 def _match_matmul_softmax(node: Node):
     if not (_is_call(node, _SOFTMAXES, ("softmax",))):
         return None
@@ -482,7 +494,7 @@ def find_sites(graph: Graph) -> tuple[list[AttentionSite], list[str]]:
     that matched a pattern but have a layout attnfx does not handle)."""
     sites, notes, occurrences = [], [], {}
     for node in graph.nodes:
-        match = _match_sdpa(node) or _match_matmul_softmax(node)
+        match = _match_sdpa(node) or _match_flex(node) or _match_matmul_softmax(node)
         if match is None:
             continue
         if isinstance(match, tuple):

@@ -12,6 +12,7 @@ from torch.fx import GraphModule
 
 from .. import passes
 from ..passes._build import fill_example_values
+from ..passes import decompose
 from ..errors import LoweringWarning, UninstrumentedExecutionError
 from ..sites import find_sites
 from ..spec import Spec
@@ -56,6 +57,7 @@ class Backend:
     def __call__(self, gm: GraphModule, example_inputs):
         ctx = current()
         inline_checkpoints(gm)                   # checkpointed layers hide their attention in a subgraph
+        decompose.apply(gm)                      # opaque attention calls (nn.MultiheadAttention, flex) made explicit
         marker = find_marker(gm.graph)
         if marker is None or ctx is None:
             sites, _ = find_sites(gm.graph)
