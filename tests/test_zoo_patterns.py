@@ -224,3 +224,23 @@ def test_sites_are_labelled_encoder_decoder_self_cross_by_dataflow(name, impl):
         assert "decoder cross" in repr(im)
     else:
         assert labels == [(None, "self")] * 2
+
+
+def test_a_graph_break_before_the_attention_raises_the_typed_error():
+    """DBRX's experts loop over a data-dependent tensor: dynamo breaks the graph inside the decoder
+    layer and compiles later frames without attnfx's state. attnfx refuses to run them plain, with
+    its own error (not dynamo's BackendCompilerFailed wrapping it)."""
+    config = T.DbrxConfig(vocab_size=VOCAB, d_model=HEADS * HEAD_DIM, n_layers=2, n_heads=HEADS, max_seq_len=64,
+                          attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
+                          ffn_config=dict(ffn_hidden_size=32, moe_num_experts=2, moe_top_k=1))
+    torch.manual_seed(0)
+    model = T.DbrxForCausalLM(config).eval()
+    with pytest.raises(attnfx.errors.UninstrumentedExecutionError, match="graph break"):
+        attnfx.instrument(model, backend="eager")
+
+
+def test_a_model_without_attention_keeps_the_typed_error():
+    model = T.MambaForCausalLM(T.MambaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                                             state_size=4, expand=2)).eval()
+    with pytest.raises(attnfx.errors.NoAttentionFoundError, match="no attention found in MambaForCausalLM"):
+        attnfx.instrument(model, backend="eager")

@@ -9,6 +9,7 @@ outputs. The wrapped model is never modified; its parameters are shared.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import sys
@@ -23,7 +24,7 @@ from .calls import as_call as _as_call
 from .capture.backend import BACKENDS, MODES
 from .capture.context import calling
 from .capture.logging_calls import tolerant_logging
-from .errors import (AlreadyInstrumentedError, DetachedError, DeviceMismatchError, DTypeMismatchError,
+from .errors import (AlreadyInstrumentedError, AttnfxError, DetachedError, DeviceMismatchError, DTypeMismatchError,
                      InvalidArgumentError, NoAttentionFoundError, NotDiscoveredError,
                      UninstrumentedExecutionError, UnsupportedModelError)
 from .roles import site_roles
@@ -252,6 +253,18 @@ def _cache_tensors(cache) -> list:
     return out
 
 
+@contextlib.contextmanager
+def typed_errors():
+    """An attnfx error raised inside the backend (a graph break before the attention, an
+    unsupported layout) reaches the caller as itself, not wrapped in dynamo's BackendCompilerFailed."""
+    try:
+        yield
+    except torch._dynamo.exc.BackendCompilerFailed as failed:
+        if isinstance(failed.inner_exception, AttnfxError):
+            raise failed.inner_exception from None
+        raise
+
+
 def _traced_forward(self, *args, **kwargs):
     """Template of the traced frame. Each (model structure, spec, backend) gets its own copy of
     this code object, so dynamo's per-code-object cache (and its recompile limit) is never
@@ -423,7 +436,7 @@ class InstrumentedModel(nn.Module):
         key = (self._spec_key, _call_signature(args, kwargs))
         if key not in self._compiled:          # marks only matter when dynamo compiles (~2 µs a tensor)
             _mark_batch_and_sequence_dynamic(args, kwargs)
-        with calling(self) as ctx, tolerant_logging():
+        with calling(self) as ctx, tolerant_logging(), typed_errors():
             out = self._compiled_for(key)(*args, **kwargs)
         try:
             self._verify(ctx)
@@ -455,7 +468,7 @@ class InstrumentedModel(nn.Module):
         self._set_spec(DISCOVER)
         key = (self._spec_key, _call_signature(args, kwargs))
         try:
-            with calling(self) as ctx, torch.no_grad(), tolerant_logging():
+            with calling(self) as ctx, torch.no_grad(), tolerant_logging(), typed_errors():
                 self._compiled_for(key)(*args, **kwargs)
         finally:
             self._set_spec(PLAIN)
