@@ -416,7 +416,8 @@ def _match_sdpa(node: Node):
     if scale is None and _shape(q) is not None:
         scale = 1.0 / math.sqrt(_shape(q)[-1])
     scale = float(scale) if isinstance(scale, (int, float)) else None
-    return "sdpa_call", node, node, q, k, v, (causal if mask is None else None), mask is not None, scale, None
+    return dict(pattern="sdpa_call", attn=node, q_user=node, q=q, k=k, v=v,
+                causal=causal if mask is None else None, masked=mask is not None, scale=scale, scores=None)
 
 
 def _match_flex(node: Node):
@@ -428,7 +429,8 @@ def _match_flex(node: Node):
     q, k, v = node.args[0], node.kwargs["key"], node.kwargs["value"]
     scale = node.kwargs.get("scale")
     scale = float(scale) if isinstance(scale, (int, float)) else None
-    return "flex_attention", node, node, q, k, v, None, True, scale, None
+    return dict(pattern="flex_attention", attn=node, q_user=node, q=q, k=k, v=v, causal=None, masked=True,
+                scale=scale, scores=None)
 
 
 def _match_matmul_softmax(node: Node):
@@ -497,8 +499,6 @@ def find_sites(graph: Graph) -> tuple[list[AttentionSite], list[str]]:
         match = _match_sdpa(node) or _match_flex(node) or _match_matmul_softmax(node)
         if match is None:
             continue
-        if isinstance(match, tuple):
-            match = dict(zip(("pattern", "attn", "q_user", "q", "k", "v", "causal", "masked", "scale", "scores"), match))
         pattern, attn, q_user, q, k, v = (match[key] for key in ("pattern", "attn", "q_user", "q", "k", "v"))
         causal, masked, scale, scores = (match[key] for key in ("causal", "masked", "scale", "scores"))
         zshape = _shape(attn)
