@@ -26,7 +26,7 @@ from ._build import call
 
 def _why_not(site: AttentionSite) -> str | None:
     if site.pattern != "sdpa_call":
-        return "hand-written softmax attention (only SDPA calls are lowered)"
+        return f"{site.pattern} (only SDPA calls are lowered)"
     node = site.attn
     if _arg(node, 3, "attn_mask") is not None:
         return "explicit attn_mask"
