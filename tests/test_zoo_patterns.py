@@ -244,3 +244,40 @@ def test_a_model_without_attention_keeps_the_typed_error():
                                              state_size=4, expand=2)).eval()
     with pytest.raises(attnfx.errors.NoAttentionFoundError, match="no attention found in MambaForCausalLM"):
         attnfx.instrument(model, backend="eager")
+
+
+@pytest.mark.parametrize("name, impl", [("bart", "sdpa"), ("t5", "eager"), ("whisper", "sdpa")])
+def test_encoder_decoder_generate_steers_the_encoder_too(name, impl):
+    """HF's generate runs the encoder itself, outside forward: im.generate runs it through the
+    instrumented graph, so the tokens equal the bare model's, and an ablated encoder head equals an
+    o_proj hook on the bare model's generate; decode steps (encoder output given) are verified
+    against the decoder's sites only."""
+    from zoo import BY_NAME, build, inputs
+    family = BY_NAME[name]
+    model = build(family, impl)
+    kw = {k: v for k, v in inputs(family, model).items() if k != "decoder_input_ids"}
+    im = attnfx.instrument(model, backend="eager")
+    settings = dict(max_new_tokens=4, do_sample=False, num_beams=1)
+    with torch.no_grad():
+        plain = im.generate(**kw, **settings, output_scores=True, return_dict_in_generate=True)
+        bare = model.generate(**kw, **settings, output_scores=True, return_dict_in_generate=True)
+        assert torch.equal(plain.sequences, bare.sequences)
+    encoder = [s for s in im.sites if s.stack == "encoder"]
+    site = encoder[-1]
+    o_proj = model.get_submodule(site.o_proj.rsplit(".", 1)[0])
+    im.steering.ablate(site.layer, 1)
+    with torch.no_grad():
+        steered = im.generate(**kw, **settings, output_scores=True, return_dict_in_generate=True)
+    im.steering.reset()
+
+    def zero(mod, args):
+        x = args[0].clone()
+        x[..., _columns(1)] = 0.0
+        return (x, *args[1:])
+    handle = o_proj.register_forward_pre_hook(zero)
+    with torch.no_grad():
+        hooked = model.generate(**kw, **settings, output_scores=True, return_dict_in_generate=True)
+    handle.remove()
+    assert torch.equal(steered.sequences, hooked.sequences)
+    assert_close(torch.stack(steered.scores), torch.stack(hooked.scores))
+    assert not torch.allclose(torch.stack(steered.scores), torch.stack(plain.scores))    # the ablation acts

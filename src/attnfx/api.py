@@ -343,6 +343,10 @@ class InstrumentedModel(nn.Module):
 
         # generate() calls self(...) → forward, and reads forward's signature to decide what to
         # pass (position_ids, attention_mask, logits_to_keep): wraps keeps the model's own.
+        if getattr(getattr(model, "config", None), "is_encoder_decoder", False) and kwargs.get("encoder_outputs") is None:
+            # HF runs the encoder itself (get_encoder()(...)), around forward: run it through the
+            # instrumented graph instead, so encoder heads are steered (and recorded) too
+            kwargs = dict(kwargs, encoder_outputs=self._encode(args, kwargs))
         model.forward = forward
         try:
             return model.generate(*args, **kwargs)
@@ -351,6 +355,26 @@ class InstrumentedModel(nn.Module):
                 model.forward = previous
             else:
                 del model.forward
+
+    def _encode(self, args, kwargs):
+        """The encoder's output for generate(), from one instrumented call with a single decoder
+        start token (the encoder's sites run in attnfx's graph; the decoder step is discarded)."""
+        from transformers.modeling_outputs import BaseModelOutput
+
+        model = self.model
+        main = getattr(model, "main_input_name", "input_ids")
+        inputs = kwargs.get(main, kwargs.get("inputs", args[0] if args else None))
+        if not isinstance(inputs, torch.Tensor):
+            raise InvalidArgumentError(f"generate() on an encoder-decoder needs {main} (a tensor)")
+        start = getattr(model.generation_config, "decoder_start_token_id", None)
+        if start is None:
+            start = getattr(model.config, "decoder_start_token_id", None) or 0
+        call = {main: inputs, "decoder_input_ids": torch.full((inputs.shape[0], 1), int(start), device=inputs.device)}
+        if kwargs.get("attention_mask") is not None:
+            call["attention_mask"] = kwargs["attention_mask"]
+        with torch.no_grad():
+            out = self._call((), call)
+        return BaseModelOutput(last_hidden_state=out.encoder_last_hidden_state)
 
     def record(self, *kinds, directions=None, heads=None, positions=None):
         """Context manager: `with im.record("z", "readout", directions=R) as rec: im(x)`."""
@@ -439,7 +463,7 @@ class InstrumentedModel(nn.Module):
         with calling(self) as ctx, tolerant_logging(), typed_errors():
             out = self._compiled_for(key)(*args, **kwargs)
         try:
-            self._verify(ctx)
+            self._verify(ctx, kwargs)
         except UninstrumentedExecutionError:
             self._forget(key)
             raise
@@ -454,9 +478,12 @@ class InstrumentedModel(nn.Module):
                 raise DeviceMismatchError(f"input on {value.device}, model on {device}")
         self.steering._check_call(args, kwargs)
 
-    def _verify(self, ctx):
+    def _verify(self, ctx, kwargs):
         ran = {info.layer for info in ctx.sites_run}
-        missing = sorted(set(range(len(self._sites))) - ran)
+        expected = set(range(len(self._sites)))
+        if kwargs.get("encoder_outputs") is not None:          # the encoder ran before (generate's steps)
+            expected -= {site.layer for site in self._sites if site.stack == "encoder"}
+        missing = sorted(expected - ran)
         if ctx.graphs_run == 0 or missing:
             raise UninstrumentedExecutionError(
                 f"attention layer(s) {missing} ran without attnfx's graph: dynamo ran a frame plain "
