@@ -544,7 +544,7 @@ class InstrumentedModel(nn.Module):
                 head_dim=site.head_dim, d_model=d_model, causal=site.causal, masked=site.masked,
                 o_proj=names.get(site.o_weight), value_bias=names.get(site.v_bias),
                 occurrence=site.occurrence, scale=site.scale, kv_heads_read=site.kv_heads_read,
-                stack=stack, attends=attends))
+                stack=stack, attends=attends, gated=site.gate is not None))
         if self._sites is not None and any(i.layer < 0 for i in infos):
             raise NoAttentionFoundError(
                 f"a recompiled graph holds attention sites not seen when the model was first instrumented: "

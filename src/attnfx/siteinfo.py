@@ -26,6 +26,8 @@ class SiteInfo:
     kv_heads_read: int = 0        # heads of k and v as the attention reads them (after any repeat)
     stack: str | None = None      # "encoder" | "decoder" in an encoder–decoder graph, else None
     attends: str = "self"         # "self" | "cross" (keys and values from another stream)
+    gated: bool = False           # W_O reads z ⊙ g (an elementwise gate): z records are pre-gate,
+                                  # readouts and contributions use z ⊙ g
 
 
 @dataclass(frozen=True)
