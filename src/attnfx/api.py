@@ -31,7 +31,7 @@ from .roles import site_roles
 from .sites import PATTERNS, example_value
 from .spec import DISCOVER, PLAIN, STEERING_STATE, Spec
 from .siteinfo import FinalNormInfo, GraphInfo, SiteInfo, format_sites, module_path
-from .unembed import find_final_norm
+from .unembed import final_norm_info, find_final_norm
 
 __all__ = ["instrument", "InstrumentedModel", "SiteInfo", "FinalNormInfo"]
 
@@ -549,9 +549,7 @@ class InstrumentedModel(nn.Module):
             raise NoAttentionFoundError(
                 f"a recompiled graph holds attention sites not seen when the model was first instrumented: "
                 f"{[i.module_path for i in infos if i.layer < 0]}")
-        norm = find_final_norm(gm.graph)
-        final = None if norm is None else FinalNormInfo(
-            norm.kind, norm.eps, names.get(norm.weight), names.get(norm.unembed_weight), norm.unembed_layout)
+        final = final_norm_info(gm.graph, found, names, [(i.module_path, i.occurrence) for i in infos])
         return GraphInfo(tuple(infos), final, tuple(notes))
 
     def _final_norm_input(self, gm):

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.fx import Graph, Node
 
-from .norms import PASS_METHODS, as_norm, skip_casts
+from .norms import PASS_METHODS, _inactive_dropout, as_norm, skip_casts
 from .sites import AttentionSite, _is_call, _is_view_like, _shape, _walk_back
 
 ACTIVATION_FNS = {F.gelu, F.silu, F.relu, torch.relu, torch.tanh, torch.sigmoid, F.sigmoid, F.mish,
@@ -42,6 +42,7 @@ class Blocks:
     resid_pre: list[Node | None]
     attn_out: list[Node | None]
     mlp_out: list[Node | None]
+    stream: tuple | None = None     # the final norm's input as a tree over these (stream_tree)
 
 
 def is_activation(node) -> bool:
@@ -63,22 +64,28 @@ def _as_stream(node: Node | None, d_model: int | None) -> Node | None:
         shape = _shape(node) if node is not None else None
         if shape is not None and len(shape) == 3 and (d_model is None or shape[-1] == d_model):
             return node
-        users = list(node.users) if node is not None else []
+        users = _value_users(node) if node is not None else []
         if len(users) != 1 or not _is_view_like(users[0]):
             return None
         node = users[0]
     return None
 
 
+def _value_users(node: Node) -> list[Node]:
+    """Users that read the tensor's values: not those that read only its size (dynamic-shape graphs
+    hold x.size() calls next to the ops)."""
+    return [u for u in node.users if not _is_call(u, (torch.ops.aten.sym_size.int,), ("size", "dim"))]
+
+
 def _feeds_only_projections(node: Node) -> bool:
-    frontier, seen = list(node.users), set()
+    frontier, seen = _value_users(node), set()
     while frontier:
         user = frontier.pop()
         if user in seen:
             continue
         seen.add(user)
         if _is_call(user, (), PASS_METHODS) or _is_view_like(user):
-            frontier.extend(user.users)
+            frontier.extend(_value_users(user))
         elif projection_input(user) is None:
             return False
     return True
@@ -144,4 +151,171 @@ def find_blocks(graph: Graph, sites: list[AttentionSite], user_inputs: set[Node]
         layer = next((i for i in range(len(sites)) if starts[i] < order[node] < starts[i + 1]), None)
         if layer is not None and mlp_out[layer] is None:
             mlp_out[layer] = _as_stream(node, d_model)
-    return Blocks(_token_node(graph, user_inputs), [_resid_pre(s) for s in sites], attn_out, mlp_out)
+    resid_pre = [_resid_pre(s) for s in sites]
+    stream = _final_stream(graph, sites, attn_out, resid_pre)
+    branches = [leaf for leaf in leaves(stream) if leaf[0] == "mlp"] if stream is not None else []
+    for leaf in branches:
+        # The branch the stream adds is the MLP's output: a whole MoE layer (experts + shared
+        # expert), not the first expert projection the activation search finds inside it.
+        alone = sum(other[1] == leaf[1] for other in branches) == 1
+        if alone and (mlp_out[leaf[1]] is None or _through(mlp_out[leaf[1]]) is not _through(leaf[2])):
+            mlp_out[leaf[1]] = _as_stream(leaf[2], d_model)
+    return Blocks(_token_node(graph, user_inputs), resid_pre, attn_out, mlp_out, stream)
+
+
+def _final_stream(graph, sites, attn_out, resid_pre):
+    from .unembed import find_final_norm             # unembed reads the stream tree defined here
+    final = find_final_norm(graph)
+    if final is None or not isinstance(final.input, Node) or not sites:
+        return None
+    return stream_tree(graph, final.input, sites, attn_out, resid_pre)
+
+
+# ---- the residual stream as a linear-once-frozen expression ----------------------------------------
+# From the final norm's input back to the components that write to the residual stream: a tree of
+#   ("sum", children)        residual additions
+#   ("scale", c, child)      multiplication by a constant (a float, or a scalar parameter node)
+#   ("inverse", c, child)    division by one
+#   ("norm", Norm, child)    a norm on the way (post-block norms; post-LN models' every norm),
+#                            linear once its σ is frozen from the same forward pass
+#   ("attn", i, node)        site i's output projection (heads + b_O), as blocks.attn_out
+#   ("mlp", i, node)         a branch added to the stream after site i's attention (its MLP)
+#   ("embed", i, node)       the stream entering the first site on the path (embeddings)
+#   ("const", value)         a parameter / constant added to the stream
+#   ("input", node)          a graph input other than the embeddings (a graph break cut the stream)
+#   ("stop", node)           an op that is not linear once frozen: the stream cannot be decomposed
+_SCALE_FNS = (operator.mul, operator.truediv, torch.mul, torch.div)
+_SCALE_METHODS = ("mul", "div", "__mul__", "__rmul__", "__truediv__")
+_ADD_FNS = (operator.add, torch.add, operator.iadd)      # Falcon: mlp_output += attention_output
+
+
+def _through(node):
+    """Skip casts, views, clones and inactive dropout: ops that do not change the value."""
+    while isinstance(node, Node):
+        if _inactive_dropout(node) or _is_call(node, (torch.clone,), ("clone",)):
+            node = node.args[0]
+        elif (_is_call(node, (), PASS_METHODS) or _is_view_like(node)) and isinstance(node.args[0], Node):
+            node = node.args[0]
+        else:
+            return node
+    return node
+
+
+def _constant(value) -> bool:
+    """A float, or a one-element parameter/buffer (a placeholder) seen through casts."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return True
+    value = _through(value)
+    if not isinstance(value, Node) or value.op != "placeholder":
+        return False
+    shape = _shape(value)
+    return shape is not None and all(s == 1 for s in shape)
+
+
+def _as_scale(node):
+    """(kind, factor, x) for x·c, c·x or x/c with c constant, else None."""
+    if not _is_call(node, _SCALE_FNS, _SCALE_METHODS) or len(node.args) != 2:
+        return None
+    x, c = node.args
+    divide = node.target in (operator.truediv, torch.div, "div", "__truediv__")
+    if isinstance(x, Node) and _constant(c):
+        return ("inverse" if divide else "scale"), _through(c) if isinstance(c, Node) else float(c), x
+    if not divide and isinstance(c, Node) and _constant(x):
+        return "scale", _through(x) if isinstance(x, Node) else float(x), c
+    return None
+
+
+def _is_ancestor(a: Node, b: Node, order: dict) -> bool:
+    frontier, seen, first = [b], set(), order[a]
+    while frontier:
+        n = frontier.pop()
+        if n is a:
+            return True
+        if n in seen or order.get(n, -1) < first:
+            continue
+        seen.add(n)
+        frontier.extend(n.all_input_nodes)
+    return False
+
+
+class _Walk:
+    def __init__(self, graph: Graph, sites, attn_out, embed: Node | None = None, first: int = -1):
+        self.order = {n: i for i, n in enumerate(graph.nodes)}
+        self.attn = {_through(n): i for i, n in enumerate(attn_out) if n is not None}
+        self.starts = [self.order[s.attn] for s in sites]
+        self.embed, self.first, self.seen = embed, first, set()
+
+    def layer_of(self, node: Node) -> int:
+        return max((i for i, s in enumerate(self.starts) if s < self.order[node]), default=-1)
+
+    def __call__(self, node, branch: bool = False):
+        outer, node = node, _through(node)
+        if not isinstance(node, Node):
+            return ("const", node)
+        if node in self.seen:                          # a DAG, not a tree: the same value counted twice
+            return ("stop", node)
+        self.seen.add(node)
+        if node is self.embed:
+            return ("embed", self.first, outer)
+        if node in self.attn:
+            return ("attn", self.attn[node], outer)
+        scale = _as_scale(node)
+        if scale is not None:
+            return (scale[0], scale[1], self(scale[2], branch))
+        norm = as_norm(node)
+        if norm is not None and skip_casts(norm.output) is node:
+            return ("norm", norm, self(norm.input, branch))
+        if _is_call(node, _ADD_FNS, ("add", "__add__", "add_")) and len(node.args) == 2 and not node.kwargs:
+            operands = self._operands(*node.args, branch)
+            if operands is not None:
+                return ("sum", operands)
+        if node.op == "placeholder":
+            return ("input", node)
+        if branch and self.layer_of(node) >= 0:
+            return ("mlp", self.layer_of(node), outer)
+        return ("stop", node)
+
+    def _operands(self, a, b, branch: bool):
+        """stream + branch (the branch computed from the stream); two parallel branches (Cohere's
+        x + attn + mlp, GPT-NeoX's (mlp + attn) + x); inside a branch, a sum of two parts of it
+        that holds no attention output (MoE experts + shared expert): None, one leaf."""
+        if not (isinstance(a, Node) and isinstance(b, Node)):
+            return [self(a), self(b)]
+        a_, b_ = _through(a), _through(b)
+        if _is_ancestor(a_, b_, self.order):           # b is computed from the stream a
+            return [self(a), self(b, branch=True)]
+        if _is_ancestor(b_, a_, self.order):
+            return [self(a, branch=True), self(b)]
+        if branch and not (self._holds_attention(a_) or self._holds_attention(b_)):
+            return None
+        return [self(a, branch=True), self(b, branch=True)]
+
+    def _holds_attention(self, node) -> bool:
+        """node is an attention output, or a sum of one and other parallel branches (GPT-NeoX's
+        mlp + attn + x), seen through casts and scales."""
+        while (scale := _as_scale(node)) is not None:
+            node = _through(scale[2])
+        if node in self.attn:
+            return True
+        if _is_call(node, _ADD_FNS, ("add", "__add__", "add_")) and len(node.args) == 2:
+            return any(isinstance(x, Node) and self._holds_attention(_through(x)) for x in node.args)
+        return False
+
+
+def leaves(tree) -> list:
+    """Every leaf of a stream tree, in order."""
+    if tree[0] == "sum":
+        return [leaf for child in tree[1] for leaf in leaves(child)]
+    if tree[0] in ("scale", "inverse", "norm"):
+        return leaves(tree[2])
+    return [tree]
+
+
+def stream_tree(graph: Graph, start: Node, sites, attn_out, resid_pre):
+    """The residual stream at `start` (the final norm's input) as a tree of frozen-linear ops over
+    its components (see above). The embeddings are what the first site on the path reads."""
+    tree = _Walk(graph, sites, attn_out)(start)
+    first = min((leaf[1] for leaf in leaves(tree) if leaf[0] == "attn"), default=None)
+    if first is None or resid_pre[first] is None:
+        return tree
+    return _Walk(graph, sites, attn_out, _through(resid_pre[first]), first)(start)

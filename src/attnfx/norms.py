@@ -12,7 +12,7 @@ from torch.fx import Graph, Node
 
 from .sites import _is_call, _is_view_like, _shape
 
-PASS_METHODS = {"to", "float", "type", "contiguous", "half", "bfloat16", "double"}
+PASS_METHODS = {"to", "float", "type", "type_as", "contiguous", "half", "bfloat16", "double"}
 
 
 @dataclass
@@ -25,6 +25,7 @@ class Norm:
     eps: float
     scale: Node | None = None  # hand-written RMSNorm: the rsqrt(mean(x²) + ε) node (1/σ)
     fused: bool = True        # one F.layer_norm / F.rms_norm call (else hand-written)
+    weight_offset: float = 0.0  # the gain is (offset + γ): Gemma's x̂ · (1 + w)
 
 
 def skip_casts(node):
@@ -78,12 +79,56 @@ def _handwritten_rms(node: Node) -> Norm | None:
     return None
 
 
+_MEAN = (torch.mean,)
+
+
+def _centred_input(node) -> Node | None:
+    """x of x − mean(x, −1, keepdim) (casts skipped), else None."""
+    node = skip_casts(node)
+    if not _is_call(node, (operator.sub, torch.sub), ("sub",)) or len(node.args) != 2:
+        return None
+    x, mean = node.args
+    if _is_call(mean, _MEAN, ("mean",)) and mean.args[0] is x:
+        return x
+    return None
+
+
+def _handwritten_layer_norm(norm: Norm) -> Norm:
+    """A hand-written RMS-shaped norm whose input is x − mean(x) and whose rsqrt reads
+    mean((x − mean x)²): LayerNorm written out (Cohere's, without β)."""
+    x = _centred_input(norm.input)
+    if x is None:
+        return norm
+    add = norm.scale.args[0]
+    var = next((a for a in add.args if isinstance(a, Node)), None) if isinstance(add, Node) else None
+    pow_ = var.args[0] if _is_call(var, _MEAN, ("mean",)) else None
+    if not _is_call(pow_, (torch.pow,), ("pow",)) or _centred_input(pow_.args[0]) is not x:
+        return norm
+    return Norm("layer_norm", norm.output, x, norm.weight, None, norm.eps, scale=norm.scale, fused=False)
+
+
+def _gain(norm: Norm) -> Norm:
+    """γ written (1 + w) (Gemma, Qwen3-Next): the parameter w and the offset 1."""
+    weight = skip_casts(norm.weight)
+    if _is_call(weight, (operator.add, torch.add)) and len(weight.args) == 2:
+        for const, w in (weight.args, weight.args[::-1]):
+            if isinstance(const, (int, float)) and isinstance(skip_casts(w), Node):
+                norm.weight, norm.weight_offset = skip_casts(w), float(const)
+                return norm
+    norm.weight = weight
+    return norm
+
+
 def as_norm(node) -> Norm | None:
     """The norm whose output is `node` (casts and views skipped), if any."""
     node = skip_casts(node)
     if not isinstance(node, Node):
         return None
-    return _fused_norm(node) or _handwritten_rms(node)
+    fused = _fused_norm(node)
+    if fused is not None:
+        return fused
+    norm = _handwritten_rms(node)
+    return None if norm is None else _gain(_handwritten_layer_norm(norm))
 
 
 def _inactive_dropout(node) -> bool:

@@ -32,11 +32,20 @@ class SiteInfo:
 
 @dataclass(frozen=True)
 class FinalNormInfo:
-    kind: str                     # "layer_norm" | "rms_norm"
+    """The path from the residual stream to the logits (attnfx.unembed), parameters by name:
+    logits = post(((offset + γ) ⊙ norm(x) + β) W_Uᵀ + b_U), then cap·tanh(·/cap) when softcap."""
+    kind: str                     # "layer_norm" | "rms_norm" | "identity" (no final norm)
     eps: float
     weight: str | None            # parameter names
     unembed: str
     unembed_layout: str
+    bias: str | None = None       # β of a final LayerNorm
+    weight_offset: float = 0.0    # 1.0 for a (1 + w) gain
+    unembed_bias: str | None = None
+    post: tuple = ()              # after x̂ W_Uᵀ, innermost first: ("scale" | "inverse", float | name),
+                                  # ("bias", name) — b_U included
+    softcap: float | None = None  # the logits are cap·tanh(l/cap): DLA attributes l, the pre-cap logit
+    stream: tuple | None = None   # the norm's input over its components (unembed.describe_stream)
 
 
 @dataclass(frozen=True)

@@ -260,6 +260,12 @@ def _value_projection(v: Node) -> tuple[Projection | None, list[Node]]:
     return proj, chain
 
 
+def _reads_shape_only(node: Node) -> bool:
+    """x.size() / x.dim() / sym_size: dynamic-shape graphs read shapes off tensors on the way."""
+    return (_is_call(node, (), ("size", "dim")) or
+            (node.op == "call_function" and getattr(node.target, "__name__", "") in ("sym_size", "sym_size.int")))
+
+
 def _gate_operand(node: Node) -> Node | None:
     """The gate g of an elementwise product z ⊙ g on the way from z to W_O (g has z's shape there:
     Qwen3-Next's σ(gate)); the other operand is the z path."""
@@ -274,8 +280,11 @@ def _gate_operand(node: Node) -> Node | None:
 def _gate(z: Node, o_node: Node | None) -> Node | None:
     """The gate on the single-user path z → W_O, if any (see _output_projection)."""
     node = z
-    while o_node is not None and node is not o_node and len(node.users) == 1:
-        user = next(iter(node.users))
+    while o_node is not None and node is not o_node:
+        users = [u for u in node.users if not _reads_shape_only(u)]
+        if len(users) != 1:
+            return None
+        user = users[0]
         if user is not o_node and _gate_operand(user) is not None:
             a, b = user.args
             return b if a is node else a
@@ -287,7 +296,7 @@ def _output_projection(z: Node, num_heads: int, head_dim: int):
     """Follow z → transpose(1, 2) → reshape [.., H*d] → projection; (node, weight, layout, bias)."""
     node, seen_transpose, none = z, False, (None, None, None, None)
     for _ in range(16):
-        users = [u for u in node.users]
+        users = [u for u in node.users if not _reads_shape_only(u)]
         if len(users) != 1:
             return none
         node = users[0]

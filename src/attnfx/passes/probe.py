@@ -54,8 +54,9 @@ def apply(gm: GraphModule, sites: list[tuple[int, AttentionSite]], blocks: Block
         for layer, node in found:
             if not isinstance(node, Node):
                 continue
-            while node in latest:                       # probed before (tokens = resid 0)
-                node = latest[node]
+            while latest.get(node, node) is not node:   # probed before (tokens = resid 0); a capture
+                node = latest[node]                     # alone leaves the node itself (cross-attention's
+                                                        # resid: one encoder output for every layer)
             latest[node] = _instrument(g, node, kind, layer, spec, state, records)
             touched[kind].append(layer)
     if "scores" in spec.captures:
@@ -79,7 +80,8 @@ def _instrument(g, x: Node, kind: str, layer: int, spec: Spec, state, records) -
             delta = _layout(g, _pick(g, state[f"delta_{kind}"], layer, fit, per_dim=True), heads, per_dim=True)
             y = call(g, operator.add, y, call(g, "to", delta, dtype))
         if kind in spec.captures:
-            records.append((RecordKey(f"capture:{kind}", layer), call(g, "transpose", y, 1, 2) if heads else y))
+            kept = call(g, "clone", y) if _mutated_later(y, users) else y      # Falcon: mlp_output += attn
+            records.append((RecordKey(f"capture:{kind}", layer), call(g, "transpose", kept, 1, 2) if heads else kept))
         if kind in spec.probes:
             gate = _layout(g, _pick(g, state[gate_name(kind)], layer, fit, per_dim=False), heads, per_dim=False)
             wide = call(g, "to", y, torch.promote_types(dtype, torch.float32))      # fp32, or fp64 for fp64
@@ -93,6 +95,21 @@ def _instrument(g, x: Node, kind: str, layer: int, spec: Spec, state, records) -
             user.replace_input_with(x, y)
         y.meta.update(x.meta)
     return y
+
+
+_IN_PLACE = (operator.iadd, operator.isub, operator.imul, operator.itruediv)
+
+
+def _mutated_later(y: Node, users) -> bool:
+    """An in-place op (x += ...) reads the captured tensor: the record must be a copy."""
+    return any(_is_in_place(u) for u in list(users) + list(y.users))
+
+
+def _is_in_place(node: Node) -> bool:
+    if node.op == "call_function":
+        return node.target in _IN_PLACE
+    return node.op == "call_method" and isinstance(node.target, str) and node.target.endswith("_") \
+        and not node.target.startswith("_")
 
 
 def _value_operand(site: AttentionSite) -> Node:

@@ -1,0 +1,183 @@
+"""Direct logit attribution through every path that is linear once frozen (issue 13): (1 + w)
+RMSNorm gains, written-out LayerNorm, logit scales and divisors, logit biases, tied embeddings
+rescaled by d_model^-½, soft-capped logits (attributed before the cap), post-block norms,
+post-LN models, encoder-decoders (decoder logits; encoder heads have no direct effect).
+
+(a) logit_attribution's components add up to the bare model's logit difference (pre-cap when
+    soft-capped); (b) per-head DLA equals an explicit reference from module hooks; (c) a path
+    that is not linear once frozen raises UnsupportedModelError naming the op."""
+import re
+
+import pytest
+import torch
+from torch import nn
+
+import attnfx
+from _tol import assert_close
+from zoo import BY_NAME, build, inputs
+
+TARGETS, FOILS = torch.tensor([3, 5]), torch.tensor([7, 9])
+# family → (implementation, final norm module, kind, gain offset, norms after each attention)
+PATHS = {
+    "gpt2": ("sdpa", "transformer.ln_f", "ln", 0.0, ()),
+    "llama": ("sdpa", "model.norm", "rms", 0.0, ()),
+    "gemma": ("sdpa", "model.norm", "rms", 1.0, ()),
+    "gemma2": ("eager", "model.norm", "rms", 1.0, ("post_attention_layernorm",)),
+    "gemma3_text": ("sdpa", "model.norm", "rms", 1.0, ("post_attention_layernorm",)),
+    "cohere": ("sdpa", "model.norm", "ln", 0.0, ()),
+    "granite": ("sdpa", "model.norm", "rms", 0.0, ()),
+    "olmo2": ("sdpa", "model.norm", "rms", 0.0, ("post_attention_layernorm",)),
+    "bart": ("sdpa", None, "ln", 0.0, ()),
+    "t5": ("sdpa", "decoder.final_layer_norm", "rms", 0.0, ()),
+    "whisper": ("sdpa", "model.decoder.layer_norm", "ln", 0.0, ()),
+}
+_CACHE = {}
+FAMILIES = list(PATHS)
+
+
+def _instrumented(name):
+    if name not in _CACHE:
+        family = BY_NAME[name]
+        model = build(family, PATHS[name][0])
+        kwargs = inputs(family, model)
+        _CACHE[name] = model, kwargs, attnfx.instrument(model, example_inputs=kwargs)
+    return _CACHE[name]
+
+
+def _encoder(module_name: str) -> bool:
+    return module_name.startswith("encoder.") or ".encoder." in module_name
+
+
+def _pre_cap(logits, info):
+    logits = logits.double()
+    return info.softcap * torch.atanh(logits / info.softcap) if info.softcap is not None else logits
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_components_add_up_to_the_bare_logit_difference(name):
+    model, kwargs, im = _instrumented(name)
+    result = attnfx.logit_attribution(im, kwargs, TARGETS, foil=FOILS)
+    with torch.no_grad():
+        logits = _pre_cap(model(**kwargs).logits[:, -1], im.final_norm)
+    rows = torch.arange(2)
+    want = (logits[rows, TARGETS] - logits[rows, FOILS]).float()
+    got = (result.heads.sum((1, 2)) + result.attn_bias.sum(1) + result.mlp.sum(1) + result.embed + result.norm_bias
+           + result.logit_bias + result.const)
+    assert_close(result.total, want)
+    assert_close(got, want)
+    assert result.pre_softcap == (name == "gemma2")
+    assert torch.equal(result.heads, attnfx.head_attribution(im, kwargs, TARGETS, foil=FOILS, reduce="none"))
+    assert result.heads.abs().sum() > 0 and result.mlp.abs().sum() > 0
+
+
+def test_the_path_is_described():
+    assert _instrumented("gemma2")[2].final_norm.softcap == 30.0
+    assert _instrumented("gemma")[2].final_norm.weight_offset == 1.0
+    assert _instrumented("cohere")[2].final_norm.post == (("scale", 0.0625),)
+    assert _instrumented("bart")[2].final_norm.post == (("bias", "final_logits_bias"),)
+    assert _instrumented("t5")[2].final_norm.post == (("scale", pytest.approx(32 ** -0.5)),)
+
+
+# ---- (b) the explicit reference -----------------------------------------------------------------
+def _norm(module, x, kind, offset):
+    """The norm at input x [b, d] with σ frozen, as a linear map of a contribution c [b, d]."""
+    eps = next(getattr(module, a) for a in ("eps", "variance_epsilon", "epsilon") if hasattr(module, a))
+    centre = (lambda v: v - v.mean(-1, keepdim=True)) if kind == "ln" else (lambda v: v)
+    sigma = torch.sqrt(centre(x).pow(2).mean(-1, keepdim=True) + eps)
+    return lambda c: centre(c) / sigma * (offset + module.weight.detach())
+
+
+def _chain(name, model, o_proj: str) -> list[str]:
+    """Names of the norms a head's output goes through to the logits, in order."""
+    final, post = PATHS[name][1], PATHS[name][4]
+    layer = o_proj.rsplit(".", 1)[0]                                   # ...layers.l.self_attn
+    if name != "bart":
+        return [layer.rsplit(".", 1)[0] + "." + p for p in post] + [final]
+    prefix, index, kind = re.match(r"(.*\.layers)\.(\d+)\.(\w+)$", layer).groups()
+    per_layer = ["self_attn_layer_norm", "encoder_attn_layer_norm", "final_layer_norm"]
+    chain = [f"{prefix}.{index}.{n}" for n in per_layer[(0 if kind == "self_attn" else 1):]]
+    for later in range(int(index) + 1, len(model.model.decoder.layers)):
+        chain += [f"{prefix}.{later}.{n}" for n in per_layer]
+    return chain
+
+
+def _logit_factor(name, model):
+    config = model.config
+    factors = {"cohere": lambda: config.logit_scale, "granite": lambda: 1 / config.logits_scaling,
+               "t5": lambda: config.d_model ** -0.5}
+    return factors[name]() if name in factors else 1.0
+
+
+def reference_dla(name, model, kwargs, im):
+    """Per head: z_h (o_proj pre-hook) · W_O,hᵀ → every norm after it frozen at its hooked input
+    (σ, γ, centring) → residual multiplier → · (W_U[t] − W_U[f]) · logit scale, at the last position."""
+    _, _, kind, offset, _ = PATHS[name]
+    inputs_of, modules = {}, dict(model.named_modules())
+    o_names = [site.o_proj.rsplit(".", 1)[0] for site in im.sites]
+    norm_names = {n for o in o_names for n in _chain(name, model, o) if n in modules}
+    handles = [modules[n].register_forward_pre_hook(lambda m, a, n=n: inputs_of.__setitem__(n, a[0].detach()))
+               for n in set(o_names) | norm_names]
+    with torch.no_grad():
+        model(**kwargs)
+    for handle in handles:
+        handle.remove()
+    w_u = model.get_output_embeddings().weight.detach()
+    direction = (w_u[TARGETS] - w_u[FOILS]) * _logit_factor(name, model)          # [b, d]
+    heads, d = im.sites[0].num_heads, im.sites[0].head_dim
+    out = torch.zeros(2, len(o_names), heads)
+    for layer, o in enumerate(o_names):
+        if o not in inputs_of or not all(n in inputs_of for n in _chain(name, model, o)) or _encoder(o):
+            continue                                                             # encoder heads: no direct effect
+        weight = modules[o].weight.detach()
+        weight = weight if isinstance(modules[o], nn.Linear) else weight.T       # GPT-2's Conv1D is [in, out]
+        z = inputs_of[o][:, -1].view(2, heads, d)
+        for h in range(heads):
+            c = z[:, h] @ weight[:, h * d:(h + 1) * d].T * getattr(model.config, "residual_multiplier", 1.0)
+            for n in _chain(name, model, o):
+                c = _norm(modules[n], inputs_of[n][:, -1], kind, offset)(c)
+            out[:, layer, h] = (c * direction).sum(-1)
+    return out
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_head_dla_equals_the_explicit_reference(name):
+    model, kwargs, im = _instrumented(name)
+    dla = attnfx.head_attribution(im, kwargs, TARGETS, foil=FOILS, position=-1, reduce="none")
+    assert_close(dla, reference_dla(name, model, kwargs, im))
+    encoder = torch.tensor([_encoder(s.o_proj) for s in im.sites])
+    assert not dla[:, encoder].any()
+    assert torch.equal(attnfx.logit_attribution(im, kwargs, 3, position=-1).direct, ~encoder)
+
+
+# ---- (c) paths that are not linear once frozen ----------------------------------------------------
+def _llama_with_head(head):
+    model = build(BY_NAME["llama"], "sdpa")
+    model.lm_head = head(model.lm_head)
+    return model
+
+
+def test_a_nonlinear_op_between_the_norm_and_the_unembedding_is_named():
+    model = _llama_with_head(lambda linear: nn.Sequential(nn.GELU(), linear))
+    im = attnfx.instrument(model)
+    with pytest.raises(attnfx.errors.UnsupportedModelError, match=r"not linear.*gelu"):
+        attnfx.head_attribution(im, {"input_ids": torch.randint(3, 64, (2, 5))}, 3)
+
+
+def test_a_nonlinear_op_after_the_unembedding_is_not_a_logit_path():
+    model = _llama_with_head(lambda linear: nn.Sequential(linear, nn.ReLU()))
+    im = attnfx.instrument(model)
+    assert im.final_norm is None
+    with pytest.raises(attnfx.errors.UnsupportedModelError, match="no unembedding was found"):
+        attnfx.logit_attribution(im, {"input_ids": torch.randint(3, 64, (2, 5))}, 3)
+
+
+def test_gated_attention_is_refused_not_attributed_without_its_gate():
+    """Qwen3-Next gates z before W_O: its (1 + w) final norm is found, but a head's direct effect
+    needs the gate of this input, which is not captured — an error naming it, not wrong numbers."""
+    family = BY_NAME["qwen3_next"]
+    model = build(family, "sdpa")
+    kwargs = inputs(family, model)
+    im = attnfx.instrument(model, example_inputs=kwargs)
+    assert im.final_norm.weight_offset == 1.0
+    with pytest.raises(attnfx.errors.UnsupportedModelError, match="W_O|gate"):
+        attnfx.head_attribution(im, kwargs, 3)
