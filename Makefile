@@ -18,7 +18,7 @@ NVCC_FLAGS := -std=c++20 -O3 -Xcompiler -fPIC -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE
 	-D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ \
 	--expt-relaxed-constexpr $(NVCC_ARCH)
 
-.PHONY: demo test test-gpu bench install clean check-cuda
+.PHONY: demo test test-gpu bench install clean check-cuda support-table
 
 install: $(STAMP)
 
@@ -38,6 +38,9 @@ test: $(STAMP)
 
 test-gpu: $(STAMP)   # on a CUDA machine: the compiled-Triton, bf16 and CUDA-op tests alone
 	$(PY) -m pytest -q -m gpu tests
+
+support-table: $(STAMP)   # README's per-family table, rendered from tests/zoo.py
+	$(PY) tests/support_table.py --write
 
 check-cuda: $(STAMP)
 	@tmp=$$(mktemp -d) && includes=$$($(PY) -c "from torch.utils.cpp_extension import include_paths; \

@@ -43,7 +43,7 @@ FAMILIES = [
        implementations=("eager",)),
     _f("falcon", "FalconConfig", dict(_TOKENS, vocab_size=VOCAB, hidden_size=D, num_hidden_layers=LAYERS,
                                       num_attention_heads=HEADS)),
-    _f("llama", "LlamaConfig", dict(_GQA)),
+    _f("llama", "LlamaConfig", dict(_GQA), implementations=("eager", "sdpa", "flex_attention")),
     _f("mistral", "MistralConfig", dict(_GQA)),
     _f("mixtral", "MixtralConfig", dict(_GQA, num_local_experts=2, num_experts_per_tok=1)),
     _f("qwen2", "Qwen2Config", dict(_GQA)),
@@ -56,7 +56,7 @@ FAMILIES = [
                                              moe_intermediate_size=D, shared_expert_intermediate_size=D,
                                              layer_types=["full_attention"] * LAYERS)),
     _f("gemma", "GemmaConfig", dict(_GQA, head_dim=HEAD_DIM)),
-    _f("gemma2", "Gemma2Config", dict(_GQA, head_dim=HEAD_DIM)),
+    _f("gemma2", "Gemma2Config", dict(_GQA, head_dim=HEAD_DIM), implementations=("eager",)),
     _f("gemma3_text", "Gemma3TextConfig", dict(_GQA, head_dim=HEAD_DIM)),
     _f("phi", "PhiConfig", dict(_DECODER)),
     _f("phi3", "Phi3Config", dict(_GQA)),
@@ -74,17 +74,19 @@ FAMILIES = [
                                                n_positions=64, multi_query=True)),
     _f("mpt", "MptConfig", dict(_TOKENS, vocab_size=VOCAB, d_model=D, n_layers=LAYERS, n_heads=HEADS, max_seq_len=64),
        implementations=("eager",)),
-    _f("gpt_oss", "GptOssConfig", dict(_GQA, head_dim=HEAD_DIM, num_local_experts=2, num_experts_per_tok=1)),
+    _f("gpt_oss", "GptOssConfig", dict(_GQA, head_dim=HEAD_DIM, num_local_experts=2, num_experts_per_tok=1),
+       implementations=("eager",)),
     _f("jamba", "JambaConfig", dict(_GQA, num_experts=2, num_experts_per_tok=1, attn_layer_period=2,
                                     attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1,
                                     mamba_d_state=4, mamba_expand=2, mamba_dt_rank=4, use_mamba_kernels=False), attention_layers=1),
     _f("gpt_neo", "GPTNeoConfig", dict(_TOKENS, vocab_size=VOCAB, hidden_size=D, num_layers=LAYERS, num_heads=HEADS,
                                        attention_types=[[["global", "local"], 1]], window_size=4,
-                                       max_position_embeddings=64)),
+                                       max_position_embeddings=64), implementations=("eager",)),
+    # clip_qkv: HF's Dbrx forward clamps q/k/v with clip_qkv and fails on its default None.
     _f("dbrx", "DbrxConfig", dict(_TOKENS, vocab_size=VOCAB, d_model=D, n_layers=LAYERS, n_heads=HEADS, max_seq_len=64,
-                                  attn_config=dict(kv_n_heads=2, rope_theta=10000.0),
+                                  attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
                                   ffn_config=dict(ffn_hidden_size=D, moe_num_experts=2, moe_top_k=1))),
-    _f("bert", "BertConfig", dict(_DECODER), head="encoder_mlm"),
+    _f("bert", "BertConfig", dict(_DECODER), head="encoder_mlm", implementations=("eager", "sdpa", "flex_attention")),
     _f("roberta", "RobertaConfig", dict(_DECODER), head="encoder_mlm"),
     _f("distilbert", "DistilBertConfig", dict(_TOKENS, vocab_size=VOCAB, dim=D, n_layers=LAYERS, n_heads=HEADS,
                                               hidden_dim=2 * D, max_position_embeddings=64), head="encoder_mlm"),
@@ -107,6 +109,102 @@ FAMILIES = [
                                         intermediate_size=2 * D, image_size=16, patch_size=8), head="vision"),
 ]
 BY_NAME = {f.name: f for f in FAMILIES}
+
+# ---- what the matrix of tests/test_zoo.py checks, and what it knows to fail ------------------------
+# Each check costs dynamo traces of the whole model (~1 s each on 2 cores): sites, identity and
+# steering (2 traces) run under every implementation; recording and recompiles under the family's
+# primary implementation; the analyses (6-8 more traces) under the primary implementation of the
+# ANALYSED families, chosen to cover every distinct path, so that the matrix fits its time budget.
+EVERY_IMPLEMENTATION = ("sites", "identity", "steering")
+CORE = EVERY_IMPLEMENTATION + ("recording", "recompiles")
+ANALYSES = ("generate", "dla", "relevance", "patching")
+CAPABILITIES = CORE + ANALYSES
+INSTRUMENT = "instrument"        # a gap on it: instrument() itself fails, so every capability does
+ANALYSED = (
+    "gpt2",          # Conv1D projections, LayerNorm with bias, biases everywhere
+    "gpt_neox",      # parallel attention + MLP
+    "llama",         # RMSNorm, GQA, RoPE
+    "gemma3_text",   # (1 + w) norms, post-block norms
+    "olmo2",         # post-block norms only
+    "cohere",        # LayerNorm without bias, logit scale, parallel block
+    "deepseek_v3",   # multi-head latent attention (v_head_dim, compressed kv)
+    "qwen3_next",    # output gate between z and o_proj
+    "bert",          # bidirectional encoder
+    "bart",          # encoder-decoder: self- and cross-attention
+    "t5",            # encoder-decoder: relative position bias, scaled tied unembedding
+    "whisper",       # speech encoder-decoder
+    "vit",           # vision backbone: pixel inputs, no logits
+)
+
+# Known gaps: (family, capability) → reason, applied as strict xfails, so a fixed gap fails the
+# matrix until its entry is removed. family is a name (every implementation) or "name/impl".
+_GATE = ("a head's direct effect is (z ⊙ g)·W_O and the gate g of the input is not captured for attribution: "
+         "head_attribution raises UnsupportedModelError naming the gated layers")
+_NOT_LINEAR = ("head_attribution refuses the path from the residual stream to the logits as not linear once "
+             "its norms are frozen ('passes through embedding (inputs_embeds)')")
+_LENGTHS = "encoder and decoder lengths differ (7 and 5 tokens): per-layer state is sized by the encoder input's"
+GAPS = {
+    ("dbrx", "instrument"): ("its experts loop over a data-dependent tensor: dynamo breaks the graph inside each "
+                             "decoder layer and compiles the later frames without attnfx's state, which attnfx "
+                             "refuses (UninstrumentedExecutionError)"),
+    ("llama/flex_attention", "instrument"): ("flex_attention: both sites are found, in a graph captured without "
+                                             "attnfx's state (a graph break between them)"),
+    ("bert/flex_attention", "instrument"): "flex_attention with a padding block mask: no attention site is found",
+    ("qwen3_next", "dla"): _GATE,
+    ("qwen3_next", "patching"): ("heads are patched at z, before the output gate (the gate is recomputed from the "
+                                 "clean input); the reference here patches z ⊙ g at the output projection"),
+    ("deepseek_v3", "dla"): _NOT_LINEAR,
+    ("bart", "relevance"): _LENGTHS,
+    ("whisper", "relevance"): _LENGTHS,
+    ("t5", "relevance"): _LENGTHS,
+    ("bart", "patching"): _LENGTHS,
+    ("whisper", "patching"): _LENGTHS,
+    ("t5", "patching"): _LENGTHS,
+    ("vit", "relevance"): "relevance reads [batch, seq] off the first input: pixel_values [b, 3, H, W] gives 3 tokens",
+    ("vit", "patching"): ("activation_patching's metrics read [batch, seq, vocab] logits; a backbone returns "
+                          "hidden states"),
+}
+
+
+def primary(family: Family) -> str:
+    """The implementation the analyses run under: sdpa (HF's default) where offered."""
+    return "sdpa" if "sdpa" in family.implementations else family.implementations[0]
+
+
+def not_applicable(family: Family, capability: str) -> str | None:
+    """Why the family has no such capability by nature, or None when it has."""
+    if capability == "generate" and family.head not in ("causal_lm", "seq2seq", "speech2seq"):
+        return "no generate(): not a generative model"
+    if capability == "dla" and family.head != "causal_lm":
+        return "direct logit attribution is for decoder LMs (an unembedding after the final norm)"
+    return None
+
+
+def gap(family: Family, implementation: str, capability: str) -> str | None:
+    """The known gap of this (family, implementation) for a capability, or None."""
+    for name in (f"{family.name}/{implementation}", family.name):
+        for cap in (capability, INSTRUMENT):
+            if (name, cap) in GAPS:
+                return GAPS[name, cap]
+    return None
+
+
+def cases():
+    """(family, implementation, capability) triples the matrix checks, in build order."""
+    for family in FAMILIES:
+        for implementation in family.implementations:
+            for capability in CAPABILITIES:
+                if not_applicable(family, capability) is None and checked(family, implementation, capability):
+                    yield family, implementation, capability
+
+
+def checked(family: Family, implementation: str, capability: str) -> bool:
+    """Whether the matrix checks this capability of this (family, implementation)."""
+    if capability in EVERY_IMPLEMENTATION:
+        return True
+    if implementation != primary(family):
+        return False
+    return capability in CORE or family.name in ANALYSED
 
 _HEADS = {"causal_lm": T.AutoModelForCausalLM, "encoder_mlm": T.AutoModelForMaskedLM,
           "seq2seq": T.AutoModelForSeq2SeqLM, "speech2seq": T.AutoModelForSpeechSeq2Seq,
