@@ -92,8 +92,8 @@ def _feeds_only_projections(node: Node) -> bool:
 
 
 def _resid_pre(site: AttentionSite) -> Node | None:
-    producer = list(_walk_back(site.v))[-1]
-    x = projection_input(producer)
+    # v's projection as the site found it (x·W + b written as an add of a matmul too)
+    x = site.v_proj.input if site.v_proj is not None else projection_input(list(_walk_back(site.v))[-1])
     if x is None:
         return None
     x = skip_casts(x)

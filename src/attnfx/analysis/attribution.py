@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..blocks import leaves
 from ..calls import as_call, batch_and_length, last_positions, logits_of, positions as _positions, token_ids, vocab_size
 from ..errors import InvalidArgumentError, UnsupportedModelError
 from ..probing import Probing
@@ -80,7 +81,7 @@ def logit_attribution(im, inputs, target, foil=None, position=None) -> LogitAttr
     targets = token_ids(target, batch, "target", vocab)
     foils = token_ids(foil, batch, "foil", vocab) if foil is not None else None
     kinds = {"attn": ("heads", "attn"), "mlp": ("mlp",), "embed": ("resid",)}
-    wanted = tuple(dict.fromkeys(k for leaf in _leaves(info.stream) for k in kinds.get(leaf[0], ())))
+    wanted = tuple(dict.fromkeys(k for leaf in leaves(info.stream) for k in kinds.get(leaf[0], ())))
     probing = Probing(im, Spec(captures=wanted), {})
     with torch.no_grad(), probing:
         logits = logits_of(im(*args, **kwargs))
@@ -129,28 +130,20 @@ def _checked_path(im):
     if no_w_o:                  # checked first: the stream cannot be traced through an unknown attention output
         raise UnsupportedModelError(f"{name}: no output projection W_O was found for layer(s) {no_w_o} (the "
                                     "per-head output is not z_h W_O,hᵀ), so heads cannot be attributed")
-    bad = [leaf for leaf in _leaves(info.stream) if leaf[0] in ("stop", "input")]
+    bad = [leaf for leaf in leaves(info.stream) if leaf[0] in ("stop", "input")]
     if bad:
         what = "; ".join(("a graph input " if kind == "input" else "") + desc for kind, desc in bad)
         raise UnsupportedModelError(f"{name}: the path from the residual stream to the unembedding is not linear once "
                                     f"its norms are frozen: it passes through {what}")
-    gated = [im._layer_of[leaf[1]] for leaf in _leaves(info.stream) if leaf[0] == "attn" and leaf[2][3]]
+    gated = [im._layer_of[leaf[1]] for leaf in leaves(info.stream) if leaf[0] == "attn" and leaf[2][3]]
     if gated:
         raise UnsupportedModelError(f"{name}: the head outputs of layer(s) {gated} are gated before W_O (z ⊙ g); "
                                     "a head's direct effect would need the gate of this input, which is not captured")
-    mlps = [leaf[1] for leaf in _leaves(info.stream) if leaf[0] == "mlp"]
+    mlps = [leaf[1] for leaf in leaves(info.stream) if leaf[0] == "mlp"]
     twice = sorted({key for key in mlps if mlps.count(key) > 1})
     if twice:
         raise UnsupportedModelError(f"{name}: more than one branch joins the stream after {twice}")
     return info
-
-
-def _leaves(tree) -> list:
-    if tree[0] == "sum":
-        return [leaf for child in tree[1] for leaf in _leaves(child)]
-    if tree[0] in ("scale", "inverse", "norm"):
-        return _leaves(tree[2])
-    return [tree]
 
 
 def _where(im, args, kwargs, position):
