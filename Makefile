@@ -33,8 +33,10 @@ $(STAMP): pyproject.toml setup.py $(CSRC)
 demo: $(STAMP)
 	$(PY) -m attnfx.cli demo --backend inductor --out demo-out
 
+# Two workers of one thread each (the CI machine's two cores), a test file per worker so a file's
+# compiled models are shared by its tests; the slowest tests and the total time are printed.
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
 test-gpu: $(STAMP)   # on a CUDA machine: the compiled-Triton, bf16 and CUDA-op tests alone
 	$(PY) -m pytest -q -m gpu tests
