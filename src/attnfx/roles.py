@@ -9,7 +9,6 @@ graph with cross-attention every other site is the decoder. Pure analysis: no ed
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch.fx import Graph, Node
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import operator
 
 import torch
-from torch.fx import GraphModule, Node
+from torch.fx import GraphModule
 
 _FLEX = torch.ops.higher_order.flex_attention
 _OPERANDS = ("query", "key", "value", "score_mod", "block_mask", "scale", "kernel_options",
