@@ -149,7 +149,8 @@ GAPS = {
                              "refuses (UninstrumentedExecutionError)"),
     ("llama/flex_attention", "instrument"): ("flex_attention: both sites are found, in a graph captured without "
                                              "attnfx's state (a graph break between them)"),
-    ("bert/flex_attention", "instrument"): "flex_attention with a padding block mask: no attention site is found",
+    ("bert/flex_attention", "instrument"): ("flex_attention: HF builds the padding block mask with graph breaks, so "
+                                            "both sites run in a resumed graph without attnfx's state"),
     ("qwen3_next", "dla"): _GATE,
     ("qwen3_next", "patching"): ("heads are patched at z, before the output gate (the gate is recomputed from the "
                                  "clean input); the reference here patches z ⊙ g at the output projection"),
