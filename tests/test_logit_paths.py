@@ -181,3 +181,35 @@ def test_gated_attention_is_refused_not_attributed_without_its_gate():
     assert im.final_norm.weight_offset == 1.0
     with pytest.raises(attnfx.errors.UnsupportedModelError, match="W_O|gate"):
         attnfx.head_attribution(im, kwargs, 3)
+
+
+@pytest.mark.parametrize("name", ["llama", "whisper"])
+def test_only_the_asked_positions_leave_the_graph(name, monkeypatch):
+    """DLA captures each component at one position per row inside the graph ([b, d], not
+    [b, T, d]: at T = 8k on a 7B model every layer's stream at every position is ~13 GB), and
+    those equal the full-sequence captures at the positions."""
+    from attnfx.analysis import attribution
+    from attnfx.probing import Probing
+    from attnfx.spec import Spec
+    model, kwargs, im = _instrumented(name)
+    sessions = []
+
+    class Kept(Probing):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            sessions.append(self)
+
+    monkeypatch.setattr(attribution, "Probing", Kept)
+    positions = torch.tensor([1, 0])
+    attnfx.logit_attribution(im, kwargs, TARGETS, foil=FOILS, position=positions)
+    (at,) = sessions
+    full = Probing(im, Spec(captures=at.spec.captures), {})
+    with torch.no_grad(), full:
+        im(**kwargs)
+    assert at.captures and set(at.captures) == set(full.captures)
+    rows = torch.arange(2)
+    for kind, layers in at.captures.items():
+        assert set(layers) <= set(full.captures[kind])
+        for layer, value in layers.items():
+            assert value.shape[0] == 2 and value.dim() == full.captures[kind][layer].dim() - 1
+            assert torch.equal(value, full.captures[kind][layer][rows, positions])

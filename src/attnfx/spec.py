@@ -33,6 +33,8 @@ class Spec:
     patches: tuple[str, ...] = ()                # component kinds patched from a runtime source
     deltas: tuple[str, ...] = ()                 # component kinds given an additive zero δ
     captures: tuple[str, ...] = ()               # component kinds returned as records
+    capture_at: bool = False                     # captures read one position per row (state "capture_at" [b])
+    capture_layers: tuple[int, ...] | None = None  # captured layers only (None: every layer)
     graddrop: bool = False                       # per-layer gradient switch on attn/MLP outputs
     value_unbiased: bool = False                 # on="value_unbiased" in use: κ = β·W_V + b_V in the graph
 
@@ -49,6 +51,8 @@ class Spec:
             raise ValueError(f"unknown component kind(s) {unknown}; expected any of {COMPONENT_KINDS + CAPTURE_ONLY}")
         if self.rule not in RULES:
             raise ValueError(f"unknown rule {self.rule!r}; expected one of {RULES}")
+        if self.capture_at and not self.captures:
+            raise ValueError("capture_at selects positions of captures: name the captured kinds")
         if "contrib" in self.records and not self.contrib_heads:
             raise ValueError("recording 'contrib' needs contrib_heads=[(layer, head), ...]")
 
@@ -62,6 +66,8 @@ class Spec:
         raw["contrib_heads"] = tuple(tuple(p) for p in raw["contrib_heads"])
         for name in ("probes", "patches", "deltas", "captures"):
             raw[name] = tuple(raw[name])
+        if raw["capture_layers"] is not None:
+            raw["capture_layers"] = tuple(raw["capture_layers"])
         if raw["contrib_positions"] is not None:
             raw["contrib_positions"] = tuple(raw["contrib_positions"])
         return cls(**raw)
@@ -72,7 +78,8 @@ class Spec:
         readout = ("readout_directions",) if "readout" in self.records else ()
         return (STEERING_STATE + readout + tuple(gate_name(kind) for kind in self.probes)
                 + tuple(name for kind in self.patches for name in (f"patch_w_{kind}", f"patch_src_{kind}"))
-                + tuple(f"delta_{kind}" for kind in self.deltas) + (("grad_keep",) if self.graddrop else ()))
+                + tuple(f"delta_{kind}" for kind in self.deltas) + (("grad_keep",) if self.graddrop else ())
+                + (("capture_at",) if self.capture_at else ()))
 
     def touches(self) -> bool:
         """Whether the probe pass has anything to do."""

@@ -82,7 +82,10 @@ def logit_attribution(im, inputs, target, foil=None, position=None) -> LogitAttr
     foils = token_ids(foil, batch, "foil", vocab) if foil is not None else None
     kinds = {"attn": ("heads", "attn"), "mlp": ("mlp",), "embed": ("resid",)}
     wanted = tuple(dict.fromkeys(k for leaf in leaves(info.stream) for k in kinds.get(leaf[0], ())))
-    probing = Probing(im, Spec(captures=wanted), {})
+    layers = tuple(sorted({im._layer_of[leaf[1]] for leaf in leaves(info.stream) if leaf[0] in kinds}))
+    # only the asked positions of the path's layers leave the graph: O(L·b·d), not O(L·b·T·d)
+    probing = Probing(im, Spec(captures=wanted, capture_at=True, capture_layers=layers),
+                      {"capture_at": positions.to(_device(im), torch.int64)})
     with torch.no_grad(), probing:
         logits = logits_of(im(*args, **kwargs))
     run = _Run(im, probing.captures, positions)
@@ -159,6 +162,10 @@ def _where(im, args, kwargs, position):
     return batch, seq, positions
 
 
+def _device(im) -> torch.device:
+    return next(iter(im.model.parameters())).device
+
+
 def _unembed_rows(run, info, tokens) -> torch.Tensor:
     weight = run.param(info.unembed)
     tokens = tokens.to(weight.device)
@@ -228,7 +235,7 @@ class _Run:
         if value is None:
             raise UnsupportedModelError(f"the '{kind}' component of layer {layer} was found when the model was "
                                         "instrumented but not in the graph compiled for this call")
-        return value[self.rows, self.positions].to(_WIDE)                  # [b, d] (heads: [b, H, d])
+        return value.to(self.device, _WIDE)                     # at the positions: [b, d] (heads: [b, H, d])
 
     def value(self, tree) -> torch.Tensor:
         """The stream node's value [b, d] from its components; remembers each norm's input."""

@@ -51,9 +51,13 @@ def apply(gm: GraphModule, sites: list[tuple[int, AttentionSite]], blocks: Block
         if kind not in wanted:
             continue
         touched[kind] = []
+        captured_only = kind not in spec.probes + spec.patches + spec.deltas and not (
+            spec.graddrop and kind in ("attn", "mlp"))
         for layer, node in found:
             if not isinstance(node, Node):
                 continue
+            if captured_only and spec.capture_layers is not None and layer not in spec.capture_layers:
+                continue                                # a capture of a layer nobody asked for
             while latest.get(node, node) is not node:   # probed before (tokens = resid 0); a capture
                 node = latest[node]                     # alone leaves the node itself (cross-attention's
                                                         # resid: one encoder output for every layer)
@@ -80,8 +84,12 @@ def _instrument(g, x: Node, kind: str, layer: int, spec: Spec, state, records) -
             delta = _layout(g, _pick(g, state[f"delta_{kind}"], layer, fit, per_dim=True), heads, per_dim=True)
             y = call(g, operator.add, y, call(g, "to", delta, dtype))
         if kind in spec.captures:
-            kept = call(g, "clone", y) if _mutated_later(y, users) else y      # Falcon: mlp_output += attn
-            records.append((RecordKey(f"capture:{kind}", layer), call(g, "transpose", kept, 1, 2) if heads else kept))
+            kept = call(g, "transpose", y, 1, 2) if heads else y                # [b, t(, H), d]
+            if spec.capture_at:                 # one position per row: O(b·d), not the whole sequence
+                kept = _at_positions(g, kept, state["capture_at"], heads)
+            elif _mutated_later(y, users):      # Falcon: mlp_output += attn
+                kept = call(g, "clone", kept)
+            records.append((RecordKey(f"capture:{kind}", layer), kept))
         if kind in spec.probes:
             gate = _layout(g, _pick(g, state[gate_name(kind)], layer, fit, per_dim=False), heads, per_dim=False)
             wide = call(g, "to", y, torch.promote_types(dtype, torch.float32))      # fp32, or fp64 for fp64
@@ -145,6 +153,12 @@ def sdpa_scores(q, k, attn_mask, is_causal: bool, scale: float):
         scores = (scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool
                   else scores + attn_mask.to(wide))
     return scores
+
+
+def _at_positions(g, x: Node, positions: Node, heads: bool) -> Node:
+    """x [b, t(, H), d] at one position per row ([b] int64) → [b(, H), d]; a gather, so a copy."""
+    index = call(g, "view", positions, -1, 1, 1, 1) if heads else call(g, "view", positions, -1, 1, 1)
+    return call(g, "squeeze", call(g, torch.take_along_dim, x, index, 1), 1)
 
 
 def _pick(g, state: Node, layer: int, fit: tuple | None = None, *, per_dim: bool = False) -> Node:
