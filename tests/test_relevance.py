@@ -100,6 +100,23 @@ def test_identity_rule_passes_relevance_through_a_handwritten_gelu():
     torch.testing.assert_close(r_x, out.detach(), rtol=1e-6, atol=1e-12)     # ε of the identity rule
 
 
+def test_identity_rule_stops_before_an_additive_mask():
+    """A soft-cap then a mask (Gemma-2 eager: cap·tanh(s/cap) + m, m = −inf or finfo.min): the
+    rule covers the tanh only; f(x)/x taken over the mask add was −inf/x and made the forward NaN."""
+    x, c = torch.randn(3, 6, dtype=torch.float64), torch.randn(3, 6, dtype=torch.float64)
+    for fill in (float("-inf"), torch.finfo(torch.float64).min):
+        mask = torch.zeros(3, 6, dtype=torch.float64).masked_fill(torch.rand(3, 6) < 0.4, fill)
+        mask[:, 0] = 0
+        out, (r_x,) = _lrp_on(lambda s: torch.softmax(5.0 * torch.tanh(s / 5.0) + mask, -1) * c, x)
+        torch.testing.assert_close(out, torch.softmax(5.0 * torch.tanh(x / 5.0) + mask, -1) * c, rtol=0, atol=0)
+        assert torch.isfinite(r_x).all() and (r_x[mask != 0] == 0).all()
+        # softmax rule at the capped logits u, then the identity rule: R_x = R_u
+        u = 5.0 * torch.tanh(x / 5.0) + mask
+        s, r_out = torch.softmax(u, -1), torch.softmax(u, -1) * c
+        r_u = torch.where(mask == 0, (u - mask) * (r_out - s * r_out.sum(-1, keepdim=True)), 0.0)
+        torch.testing.assert_close(r_x, r_u, rtol=1e-6, atol=1e-12)      # ε of the identity rule
+
+
 # ---- the efficient pass against the explicit rules ------------------------------------------
 def _target(family):
     if family == "bert":
@@ -295,3 +312,29 @@ def test_efficient_pass_equals_the_explicit_rules_over_configs(family, data):
     im.uninstrument()
     for name, value in (("tokens", got.tokens), ("heads", got.heads_per_position), ("resid", got.residual)):
         _close(value, want[name])
+
+
+def test_relevance_through_soft_caps():
+    """Gemma-2 soft-caps the attention logits and the final logits (cap·tanh(x/cap)): under CP-LRP
+    (q, k detached) relevance is conserved to the capped target logit; under both rules the
+    efficient pass equals the explicit rules and reports no leak."""
+    from zoo import BY_NAME, build as build_family, inputs
+    family = BY_NAME["gemma2"]
+    model = build_family(family, "eager").double()
+    ids = {"input_ids": inputs(family, model)["input_ids"]}
+    assert model.config.final_logit_softcapping and model.config.attn_logit_softcapping
+    im = attnfx.instrument(model, example_inputs=ids)
+    for rule in RULES:
+        got = attnfx.relevance(im, ids, 3, rule=rule)
+        want = explicit_relevance(model, ids, lambda out: out.logits[:, -1, 3], rule)
+        assert got.leaks == []
+        with torch.no_grad():
+            torch.testing.assert_close(got.target, model(**ids).logits[:, -1, 3], rtol=1e-12, atol=0)
+        for name, value in {"tokens": got.tokens, "heads": got.heads_per_position, "resid": got.residual}.items():
+            _close(value, want[name])
+        if rule == "cp-lrp":
+            sums = got.conservation()
+            atol = 1e-6 * sums["target"].abs().max().item()              # ε of the identity rule
+            torch.testing.assert_close(sums["tokens"], sums["target"], rtol=0, atol=atol)
+            torch.testing.assert_close(sums["residual"].T, sums["target"].expand(2, -1), rtol=0, atol=atol)
+    im.uninstrument()

@@ -202,7 +202,14 @@ def _regions(result: Plan, region_of: dict, operand_index: dict) -> None:
         if not any(_is_nonlinear(n, operand_index[n]) for n in nodes):
             continue
         (root,) = root_set
-        outputs = [n for n in nodes if any(u not in members for u in n.users)]
+        # the rule covers the nonlinear core; linear ops after it (a soft-cap's · cap, an additive
+        # mask of −inf or finfo.min, which would make f(x)/x non-finite) keep the plain gradient
+        core: set[Node] = set()
+        for node in reversed(nodes):
+            if _is_nonlinear(node, operand_index[node]) or any(u in core for u in node.users):
+                core.add(node)
+        nodes = [n for n in nodes if n in core]
+        outputs = [n for n in nodes if any(u not in core for u in n.users)]
         if len(nodes) == 1 and _named_kind(nodes[0]) is not None and nodes[0].args[0] is root:
             result.activations.append((nodes[0], _named_kind(nodes[0])))
         else:
