@@ -48,7 +48,7 @@ inline void check_operands(const char* op, const Operand& a, const Operand& b) {
   check_same_device(a.t, b.t, op, b.name);
 }
 
-// The elementwise nonlinearities of the AttnLRP identity rule (lrp_rules.cpp, lrp_rules.cu).
+// The elementwise nonlinearities of the AttnLRP identity rule (lrp_rules.cpp, lrp_rules_cuda.cu).
 enum class Act { Gelu, GeluTanh, Silu, Tanh, Relu };
 
 inline Act parse_act(const std::string& act) {

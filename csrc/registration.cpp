@@ -1,5 +1,5 @@
 // The schemas of attnfx._C, in one place. Kernels: readout, attention_stats, lrp_rules (.cpp for
-// CPU, .cu for CUDA). Python wraps each in an `attnfx::` custom op (src/attnfx/ops/) that holds
+// CPU, _cuda.cu for CUDA). Python wraps each in an `attnfx::` custom op (src/attnfx/ops/) that holds
 // the reference, the fake, the autograd formula and the backend choice; these raw ops are what
 // the "cpp" backend calls.
 #include <Python.h>
