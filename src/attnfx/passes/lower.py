@@ -9,6 +9,11 @@ same symbol: SDPA aligns is_causal top-left and the kernel bottom-right (the KV-
 convention), which agree only for T == S. GQA through enable_gqa maps onto the kernel's kv
 heads directly. Sites that are not lowered keep SDPA and are named in the returned notes, which
 the backend raises as a warning — never silently.
+
+An explicit boolean attn_mask is lowered too when its construction is a conjunction of terms
+the kernel has (attnfx.passes.mask_terms): a causal comparison of key and query positions
+aligned as the kernel aligns them, and a key-padding lookup — what HF builds for a padded batch,
+and for every batch where dynamo folds torch.compiler.is_exporting() to True (torch < 2.13).
 """
 from __future__ import annotations
 
@@ -22,14 +27,25 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from ..ops import attention as _registers_the_op  # noqa: F401  (defines torch.ops.attnfx.attention)
 from ..sites import AttentionSite, _arg, example_value
 from ._build import call
+from .mask_terms import MaskTerms, recognise
+
+
+def _mask_terms(site: AttentionSite) -> MaskTerms | None:
+    """The kernel's form of the site's explicit mask, or None when it has none it can take."""
+    mask = _arg(site.attn, 3, "attn_mask")
+    q, k = example_value(site.q), example_value(site.k)
+    return recognise(mask, q.shape[2], k.shape[2]) if mask is not None and q is not None and k is not None else None
 
 
 def _why_not(site: AttentionSite) -> str | None:
     if site.pattern != "sdpa_call":
         return f"{site.pattern} (only SDPA calls are lowered)"
     node = site.attn
-    if _arg(node, 3, "attn_mask") is not None:
-        return "explicit attn_mask"
+    mask = _arg(node, 3, "attn_mask")
+    if mask is not None and _arg(node, 5, "is_causal", False):
+        return "explicit attn_mask with is_causal"
+    if mask is not None and _mask_terms(site) is None:
+        return "explicit attn_mask that is not a causal and/or key-padding mask"
     if _arg(node, 4, "dropout_p", 0.0) not in (0, 0.0):
         return "dropout"
     scale = _arg(node, 6, "scale", None)
@@ -38,7 +54,7 @@ def _why_not(site: AttentionSite) -> str | None:
     q, k = example_value(site.q), example_value(site.k)
     if q is None or k is None or q.dim() != 4 or q.shape[1] % k.shape[1]:
         return "q/k are not [b, heads, t, d] with heads a multiple of kv heads"
-    if _arg(node, 5, "is_causal", False) and not statically_known_true(q.shape[2] == k.shape[2]):
+    if mask is None and _arg(node, 5, "is_causal", False) and not statically_known_true(q.shape[2] == k.shape[2]):
         return "is_causal with query and key lengths that may differ (SDPA aligns top-left)"
     return None
 
@@ -56,9 +72,15 @@ def apply(gm: GraphModule, sites: list[tuple[int, AttentionSite]]) -> tuple[list
         scale = _arg(node, 6, "scale", None)
         if scale is None:
             scale = 1.0 / math.sqrt(example_value(site.q).shape[-1])
+        causal, key_mask = bool(_arg(node, 5, "is_causal", False)), None
+        if _arg(node, 3, "attn_mask") is not None:
+            terms = _mask_terms(site)
+            causal = terms.causal
+            with g.inserting_before(node):
+                key_mask = terms.key_mask_node(g) if terms.key_mask is not None else None
         with g.inserting_before(node):
-            fused = call(g, torch.ops.attnfx.attention.default, q, k, v, None, None, None, None,
-                         bool(_arg(node, 5, "is_causal", False)), float(scale), False)
+            fused = call(g, torch.ops.attnfx.attention.default, q, k, v, key_mask, None, None, None,
+                         causal, float(scale), False)
             z = call(g, operator.getitem, fused, 0)
         z.meta.update(node.meta)
         node.replace_all_uses_with(z)
