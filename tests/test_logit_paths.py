@@ -1,11 +1,14 @@
 """Direct logit attribution through every path that is linear once frozen (issue 13): (1 + w)
 RMSNorm gains, written-out LayerNorm, logit scales and divisors, logit biases, tied embeddings
 rescaled by d_model^-½, soft-capped logits (attributed before the cap), post-block norms,
-post-LN models, encoder-decoders (decoder logits; encoder heads have no direct effect).
+post-LN models, encoder-decoders (decoder logits; encoder heads have no direct effect), heads
+gated before W_O (Qwen3-Next: the direct effect of z ⊙ g), multi-head latent attention
+(DeepSeek-V3: v from a normed, cached low-rank latent; v_head_dim ≠ the q/k head dim too).
 
 (a) logit_attribution's components add up to the bare model's logit difference (pre-cap when
     soft-capped); (b) per-head DLA equals an explicit reference from module hooks; (c) a path
     that is not linear once frozen raises UnsupportedModelError naming the op."""
+import dataclasses
 import re
 
 import pytest
@@ -30,14 +33,24 @@ PATHS = {
     "bart": ("sdpa", None, "ln", 0.0, ()),
     "t5": ("sdpa", "decoder.final_layer_norm", "rms", 0.0, ()),
     "whisper": ("sdpa", "model.decoder.layer_norm", "ln", 0.0, ()),
+    "qwen3_next": ("sdpa", "model.norm", "rms", 1.0, ()),
+    "deepseek_v3": ("sdpa", "model.norm", "rms", 0.0, ()),
+    "deepseek_v3-narrow_v": ("eager", "model.norm", "rms", 0.0, ()),
 }
+# variants of a zoo family: name-variant → config overrides
+VARIANTS = {"deepseek_v3-narrow_v": dict(v_head_dim=6)}          # q/k heads are 4 + 4 wide
 _CACHE = {}
 FAMILIES = list(PATHS)
 
 
+def _family(name):
+    family = BY_NAME[name.split("-")[0]]
+    return dataclasses.replace(family, kwargs={**family.kwargs, **VARIANTS.get(name, {})})
+
+
 def _instrumented(name):
     if name not in _CACHE:
-        family = BY_NAME[name]
+        family = _family(name)
         model = build(family, PATHS[name][0])
         kwargs = inputs(family, model)
         _CACHE[name] = model, kwargs, attnfx.instrument(model, example_inputs=kwargs)
@@ -171,16 +184,51 @@ def test_a_nonlinear_op_after_the_unembedding_is_not_a_logit_path():
         attnfx.logit_attribution(im, {"input_ids": torch.randint(3, 64, (2, 5))}, 3)
 
 
-def test_gated_attention_is_refused_not_attributed_without_its_gate():
-    """Qwen3-Next gates z before W_O: its (1 + w) final norm is found, but a head's direct effect
-    needs the gate of this input, which is not captured — an error naming it, not wrong numbers."""
-    family = BY_NAME["qwen3_next"]
-    model = build(family, "sdpa")
-    kwargs = inputs(family, model)
-    im = attnfx.instrument(model, example_inputs=kwargs)
-    assert im.final_norm.weight_offset == 1.0
-    with pytest.raises(attnfx.errors.UnsupportedModelError, match="W_O|gate"):
-        attnfx.head_attribution(im, kwargs, 3)
+def test_gated_heads_are_attributed_with_the_gate_of_this_input():
+    """Qwen3-Next multiplies z by σ(gate) before o_proj: a head's direct effect is (z ⊙ g)_h ·
+    (W_O,hᵀ r) with g of this input (the reference reads z ⊙ g off o_proj's input), which the
+    pre-gate z (recorded) through the same frozen path does not give."""
+    model, kwargs, im = _instrumented("qwen3_next")
+    assert all(site.gated for site in im.sites)
+    dla = attnfx.head_attribution(im, kwargs, TARGETS, foil=FOILS, position=-1, reduce="none")
+    assert_close(dla, reference_dla("qwen3_next", model, kwargs, im))
+    x = {}
+    handle = model.model.norm.register_forward_pre_hook(lambda m, a: x.__setitem__("final", a[0][:, -1].detach()))
+    with torch.no_grad(), im.record("z") as rec:
+        model(**kwargs)
+        im(**kwargs)
+    handle.remove()
+    frozen, heads, d = _norm(model.model.norm, x["final"], "rms", 1.0), im.sites[0].num_heads, im.sites[0].head_dim
+    w_u = model.get_output_embeddings().weight.detach()
+    pre_gate = torch.zeros_like(dla)
+    for layer, z in enumerate(rec["z"]):                                          # [b, t, H, d], pre-gate
+        w_o = model.model.layers[layer].self_attn.o_proj.weight.detach()
+        for h in range(heads):
+            c = frozen(z[:, -1, h] @ w_o[:, h * d:(h + 1) * d].T)
+            pre_gate[:, layer, h] = (c * (w_u[TARGETS] - w_u[FOILS])).sum(-1)
+    assert not torch.allclose(dla, pre_gate, rtol=1e-2, atol=1e-4)
+
+
+def test_latent_attention_reads_the_stream_before_its_low_rank_projections():
+    """DeepSeek-V3's v comes from kv_b_proj(norm(latent)), the latent cut from kv_a_proj(x̂) and
+    held by the KV cache: the layer's residual stream ("resid", and the embeddings DLA starts
+    from) is the decoder layer's input, not the latent. Captured "resid" equals a pre-hook on
+    each decoder layer."""
+    from attnfx import patching
+    for name in ("deepseek_v3", "deepseek_v3-narrow_v"):
+        model, kwargs, im = _instrumented(name)
+        assert im.sites[0].head_dim == model.config.v_head_dim
+        seen = {}
+        handles = [layer.register_forward_pre_hook(
+            lambda m, a, kw, l=l: seen.__setitem__(l, (a[0] if a else kw["hidden_states"]).detach()), with_kwargs=True)
+            for l, layer in enumerate(model.model.layers)]
+        with torch.no_grad():
+            model(**kwargs)
+        for handle in handles:
+            handle.remove()
+        _, captured = patching.capture(im, kwargs, ("resid",))
+        for layer in range(len(im.sites)):
+            assert_close(captured["resid"][layer], seen[layer])
 
 
 @pytest.mark.parametrize("name", ["llama", "whisper"])

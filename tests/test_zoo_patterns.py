@@ -194,6 +194,67 @@ def test_gated_head_output_is_the_direct_effect():
     assert not torch.allclose(rec["z"][layer], gated)                            # the gate is not 1
 
 
+def test_gated_heads_are_captured_and_patched_where_w_o_reads_them():
+    """A gated head's output is z ⊙ g (what it adds to the stream through W_O): captured "heads"
+    equal o_proj's input per head; patching a head writes the corrupt run's z ⊙ g there (the
+    clean gate is not recomputed over the corrupt z), as a pre-hook on o_proj does; the
+    per-head product W_O then reads changes no value (a zero patch weight is the bare model bit
+    for bit); steering still acts on z, which scales z ⊙ g alike."""
+    from attnfx import metrics, patching
+    from attnfx.probing import Probing, state_shape
+    from attnfx.spec import Spec
+    from zoo import BY_NAME, build, inputs
+    family = BY_NAME["qwen3_next"]
+    model = build(family, "eager")
+    kw = inputs(family, model)
+    ids, mask = kw["input_ids"], kw["attention_mask"]
+    corrupt = dict(kw, input_ids=ids.roll(1, dims=1))
+    im = attnfx.instrument(model, backend="eager")
+    o_projs = [layer.self_attn.o_proj for layer in model.model.layers]
+    with torch.no_grad():
+        bare = model(**kw).logits
+        _, (source,) = _o_proj_inputs(model, [o_projs[1]], corrupt)
+        _, clean = _o_proj_inputs(model, o_projs, kw)
+    _, captured = patching.capture(im, kw, ("heads",))
+    for layer, x in enumerate(clean):
+        assert_close(captured["heads"][layer], x.unflatten(-1, (HEADS, HEAD_DIM)))
+    batch, seq = ids.shape
+    state = {"patch_w_heads": torch.zeros(state_shape(im, "heads", batch, seq, per_dim=False)),
+             "patch_src_heads": torch.zeros(state_shape(im, "heads", batch, seq, per_dim=True))}
+    with torch.no_grad(), Probing(im, Spec(patches=("heads",)), state):
+        assert torch.equal(im(**kw).logits, bare)
+
+    metric = metrics.logit_diff(5, 9)
+    result = patching.activation_patching(im, kw, corrupt, metric, "heads", progress=False)
+    for head in range(HEADS):
+        def patch(x, head=head):
+            x[..., _columns(head)] = source[..., _columns(head)]
+            return x
+        want = (metric(_hooked(model, o_projs[1], patch, ids, mask)) - metric(bare)).mean()
+        assert_close(result.scores[1, head], want)
+    im.steering.scale(1, 2, 3.0, on="z")
+    with torch.no_grad():
+        scaled = im(**kw).logits
+    im.steering.reset()
+
+    def triple(x):
+        x[..., _columns(2)] *= 3.0
+        return x
+    assert_close(scaled, _hooked(model, o_projs[1], triple, ids, mask))
+
+
+def _o_proj_inputs(model, modules, kw):
+    """The bare model's logits and each module's first input."""
+    seen = [None] * len(modules)
+    handles = [m.register_forward_pre_hook(lambda mod, args, i=i: seen.__setitem__(i, args[0]))
+               for i, m in enumerate(modules)]
+    try:
+        return model(**kw).logits, seen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def test_encoder_decoder_is_instrumented_without_example_inputs():
     """T5 does not derive decoder inputs from input_ids: the default example gives both, so the
     six sites (encoder self, decoder self and cross) are found at instrument time."""

@@ -138,10 +138,6 @@ ANALYSED = (
 
 # Known gaps: (family, capability) → reason, applied as strict xfails, so a fixed gap fails the
 # matrix until its entry is removed. family is a name (every implementation) or "name/impl".
-_GATE = ("a head's direct effect is (z ⊙ g)·W_O and the gate g of the input is not captured for attribution: "
-         "head_attribution raises UnsupportedModelError naming the gated layers")
-_NOT_LINEAR = ("head_attribution refuses the path from the residual stream to the logits as not linear once "
-             "its norms are frozen ('passes through embedding (inputs_embeds)')")
 _LENGTHS = "encoder and decoder lengths differ (7 and 5 tokens): per-layer state is sized by the encoder input's"
 GAPS = {
     ("dbrx", "instrument"): ("its experts loop over a data-dependent tensor: dynamo breaks the graph inside each "
@@ -151,10 +147,6 @@ GAPS = {
                                              "attnfx's state (a graph break between them)"),
     ("bert/flex_attention", "instrument"): ("flex_attention: HF builds the padding block mask with graph breaks, so "
                                             "both sites run in a resumed graph without attnfx's state"),
-    ("qwen3_next", "dla"): _GATE,
-    ("qwen3_next", "patching"): ("heads are patched at z, before the output gate (the gate is recomputed from the "
-                                 "clean input); the reference here patches z ⊙ g at the output projection"),
-    ("deepseek_v3", "dla"): _NOT_LINEAR,
     ("bart", "relevance"): _LENGTHS,
     ("whisper", "relevance"): _LENGTHS,
     ("t5", "relevance"): _LENGTHS,

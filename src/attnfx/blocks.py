@@ -91,15 +91,62 @@ def _feeds_only_projections(node: Node) -> bool:
     return True
 
 
-def _resid_pre(site: AttentionSite) -> Node | None:
+# Low-rank projections chained in front of the value projection (DeepSeek's MLA: kv_b_proj reads
+# norm(kv_a_proj(x̂))): one step back per projection; real models have one.
+_LOW_RANK_STEPS = 4
+
+
+def _resid_pre(site: AttentionSite, d_model: int | None) -> Node | None:
+    """What the layer reads off the residual stream for v. A value projection that reads a
+    low-rank latent (multi-head latent attention's compressed kv, normed and cached on its own)
+    reads something narrower than the stream the output projection writes to (d_model wide): the
+    stream is the first d_model-wide tensor behind the projections that made the latent."""
     # v's projection as the site found it (x·W + b written as an add of a matmul too)
-    x = site.v_proj.input if site.v_proj is not None else projection_input(list(_walk_back(site.v))[-1])
+    read = _read_off(site.v_proj.input if site.v_proj is not None else projection_input(list(_walk_back(site.v))[-1]))
+    if read is None or d_model is None or _width(read) in (None, d_model):
+        return read
+    x = read
+    for _ in range(_LOW_RANK_STEPS):
+        x = _read_off(_latent_source(x))
+        if x is None:
+            break
+        if _width(x) == d_model:
+            return x
+    return read                 # no stream behind it: another one (a narrower encoder's output, say)
+
+
+def _read_off(x: Node | None) -> Node | None:
+    """The tensor a projection reads, before its norm when that norm feeds only projections."""
     if x is None:
         return None
     x = skip_casts(x)
     norm = as_norm(x)
     if norm is not None and _feeds_only_projections(norm.output):
         return skip_casts(norm.input)
+    return x
+
+
+def _width(x: Node) -> int | None:
+    shape = _shape(x)
+    return shape[-1] if shape else None
+
+
+def _latent_source(x: Node) -> Node | None:
+    """The input of the projection that made the latent x, back through the KV cache that holds
+    it, its norm, and the split that cut it from a fused projection (MLA's [kv latent | k rope])."""
+    x = _behind_views_and_cache(x)
+    norm = as_norm(x)
+    if norm is not None:
+        x = _behind_views_and_cache(norm.input)
+    return projection_input(x)
+
+
+def _behind_views_and_cache(x: Node) -> Node:
+    """Back through views, casts and KV-cache concatenations, in any order, while any applies."""
+    for _ in range(_LOW_RANK_STEPS):
+        before, x = x, skip_casts(list(_walk_back(x))[-1])
+        if x is before:
+            break
     return x
 
 
@@ -151,7 +198,7 @@ def find_blocks(graph: Graph, sites: list[AttentionSite], user_inputs: set[Node]
         layer = next((i for i in range(len(sites)) if starts[i] < order[node] < starts[i + 1]), None)
         if layer is not None and mlp_out[layer] is None:
             mlp_out[layer] = _as_stream(node, d_model)
-    resid_pre = [_resid_pre(s) for s in sites]
+    resid_pre = [_resid_pre(s, _shape(out)[-1] if out is not None else None) for s, out in zip(sites, attn_out)]
     stream = _final_stream(graph, sites, attn_out, resid_pre)
     branches = [leaf for leaf in leaves(stream) if leaf[0] == "mlp"] if stream is not None else []
     for leaf in branches:

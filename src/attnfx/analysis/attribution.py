@@ -10,6 +10,7 @@ the components under it), the logit (difference) at position p is linear in each
     norm     r ↦ P((o + γ) ⊙ r) / σ   (P: centring for LayerNorm; its β adds β · r)
     scale c  r ↦ c · r
     DLA[l,h] = z_{l,h,p} · (W_O,hᵀ r_l)                             r_l: the direction at site l
+                                         (z ⊙ g where a gate g sits between z and W_O: Qwen3-Next)
 
 and the components — heads, attention-output biases, MLP outputs, embeddings, norm biases, logit
 biases — add up to the logit: pre-cap, cap·atanh(logit/cap), when the logits are soft-capped.
@@ -138,10 +139,6 @@ def _checked_path(im):
         what = "; ".join(("a graph input " if kind == "input" else "") + desc for kind, desc in bad)
         raise UnsupportedModelError(f"{name}: the path from the residual stream to the unembedding is not linear once "
                                     f"its norms are frozen: it passes through {what}")
-    gated = [im._layer_of[leaf[1]] for leaf in leaves(info.stream) if leaf[0] == "attn" and leaf[2][3]]
-    if gated:
-        raise UnsupportedModelError(f"{name}: the head outputs of layer(s) {gated} are gated before W_O (z ⊙ g); "
-                                    "a head's direct effect would need the gate of this input, which is not captured")
     mlps = [leaf[1] for leaf in leaves(info.stream) if leaf[0] == "mlp"]
     twice = sorted({key for key in mlps if mlps.count(key) > 1})
     if twice:
@@ -287,7 +284,8 @@ class _Run:
             self.add("const", (self.value(tree) * r).sum(-1))
 
     def _heads(self, tree, r) -> None:
-        """z_h · (W_O,hᵀ r) per head, and b_O · r."""
+        """z_h · (W_O,hᵀ r) per head, and b_O · r. On a gated site the captured "heads" are
+        z_h ⊙ g_h, what W_O reads: the direct effect is (z_h ⊙ g_h) · (W_O,hᵀ r)."""
         layer = self.im._layer_of[tree[1]]
         weight_name, layout, bias_name, _ = tree[2]
         site = self.im.sites[layer]

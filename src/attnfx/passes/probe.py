@@ -30,12 +30,16 @@ HEAD_KINDS = ("heads", "queries", "keys", "values")
 
 
 def targets(sites, blocks: Blocks, steered: dict[int, Node]) -> dict[str, list[tuple[int, Node | None]]]:
+    """Each kind's node per layer. "heads" is what a head adds to the stream before W_O: the
+    steered z, or on a gated site z ⊙ g per head (made here, once: W_O then reads it), so that
+    patching a head there patches what W_O reads, not z under a gate recomputed from the input."""
+    from .record import head_output
     layers = [layer for layer, _ in sites]
     return {"tokens": [(-1, blocks.tokens)], "resid": list(zip(layers, blocks.resid_pre)),
             "queries": [(layer, _arg(site.q_user, 0, "query")) for layer, site in sites],
             "keys": [(layer, site.k) for layer, site in sites],
             "values": [(layer, _value_operand(site)) for layer, site in sites],
-            "heads": [(layer, steered.get(layer)) for layer in layers],
+            "heads": [(layer, head_output(site, steered.get(layer))) for layer, site in sites],
             "attn": list(zip(layers, blocks.attn_out)), "mlp": list(zip(layers, blocks.mlp_out))}
 
 

@@ -1,5 +1,6 @@
 """Record pass: append records to the graph's outputs (no hooks, no side effects).
-With a gate z ⊙ g between z and W_O, readouts and contributions use z ⊙ g (the direct effect).
+With a gate z ⊙ g between z and W_O, readouts and contributions use z ⊙ g (the direct effect),
+computed per head by `gated_heads` (which the probe pass's "heads" component is too).
 
 * ``z``        the steered head output, [b, t, H, d]
 * ``readout``  z_h · u_h with u_h = W_O[:, h]ᵀ r_k, [b, t, H, K] in fp32 — the contraction runs
@@ -15,7 +16,8 @@ from typing import NamedTuple
 import torch
 from torch.fx import GraphModule, Node
 
-from ..sites import AttentionSite, example_value
+from ..errors import UnsupportedModelError
+from ..sites import AttentionSite, _gate_operand, _is_call, _walk_back, example_value
 from ..spec import Spec
 from ._build import call
 
@@ -36,8 +38,8 @@ def apply(gm: GraphModule, sites: list[tuple[int, AttentionSite]], steered: dict
             z = steered[layer]
             if "z" in spec.records:
                 records.append((RecordKey("z", layer), call(g, "transpose", z, 1, 2)))
-            if site.gate is not None and ("readout" in spec.records or "contrib" in spec.records):
-                z = _gated(g, site, z)
+            if "readout" in spec.records or "contrib" in spec.records:
+                z = head_output(site, z)
             if "readout" in spec.records:
                 records.append((RecordKey("readout", layer), _readout(g, layer, site, z, state)))
             heads = tuple(h for (l, h) in spec.contrib_heads if l == layer)
@@ -56,13 +58,71 @@ def append_outputs(gm: GraphModule, records: list[tuple[RecordKey, Node]]) -> li
     return [key for key, _ in records]
 
 
-def _gated(g, site: AttentionSite, z: Node) -> Node:
-    """z ⊙ g per head, [b, H, t, d]: what W_O reads when a gate sits between them, so readouts and
-    contributions are the head's direct effect."""
-    gate = site.gate
-    if len(example_value(gate).shape) == 3:                   # [b, t, H·d]
-        gate = call(g, "unflatten", gate, -1, (site.num_heads, site.head_dim))
-    return call(g, operator.mul, z, call(g, "to", call(g, "transpose", gate, 1, 2), example_value(site.attn).dtype))
+_GATED = "attnfx_gated_heads"        # node meta: the per-head z ⊙ g of a site, made once per graph
+
+
+def head_output(site: AttentionSite, z: Node | None) -> Node | None:
+    """What a head adds to the residual stream, before W_O: z, or z ⊙ g on a gated site."""
+    return z if site.gate is None or z is None else gated_heads(site, z)
+
+
+def gated_heads(site: AttentionSite, z: Node) -> Node:
+    """z ⊙ g per head, [b, H, t, d], with W_O reading it (back through views): the model's product
+    at W_O's input layout, re-expressed per head. Elementwise, so the values are the model's bit
+    for bit; records and probes on this node are the head's direct effect, and a patch of it is a
+    patch of what W_O reads. Made once per graph: later calls return the same node."""
+    made = next((user for user in z.users if user.meta.get(_GATED)), None)
+    if made is not None:
+        return made
+    product, z_first, layout = _gate_product(site, z)
+    g, gate = z.graph, site.gate
+    with g.inserting_before(product):
+        if layout == "bt(hd)":
+            gate = call(g, "unflatten", gate, -1, (site.num_heads, site.head_dim))
+        if layout != "bhtd":
+            gate = call(g, "transpose", gate, 1, 2)
+        gated = call(g, operator.mul, z, gate) if z_first else call(g, operator.mul, gate, z)
+        back = gated if layout == "bhtd" else call(g, "transpose", gated, 1, 2)
+        if layout == "bt(hd)":
+            back = call(g, "flatten", back, 2)
+    value = example_value(product)
+    gated.meta["example_value"] = example_value(z).to(value.dtype)      # [b, H, t, d] in the product's dtype
+    gated.meta[_GATED] = True
+    back.meta["example_value"] = value
+    path = list(_walk_back(product.args[0 if z_first else 1]))
+    product.replace_all_uses_with(back)
+    g.erase_node(product)
+    for node in path[:-1]:                   # the views of z that only the old product read
+        if not node.users:
+            g.erase_node(node)
+    return gated
+
+
+def _gate_product(site: AttentionSite, z: Node) -> tuple[Node, bool, str]:
+    """(the product z ⊙ g W_O reads, whether z is its first operand, its layout: [b, t, H·d]
+    'bt(hd)', [b, t, H, d] 'bthd' or [b, H, t, d] 'bhtd')."""
+    h, d = site.num_heads, site.head_dim
+    for product in site.gate.users:
+        if _gate_operand(product) is None:
+            continue
+        for z_first in (True, False):
+            operand = product.args[0 if z_first else 1]
+            path = list(_walk_back(operand)) if isinstance(operand, Node) else []
+            if not path or path[-1] is not z or operand is site.gate:
+                continue
+            shape = tuple(example_value(product).shape)
+            moved = any(_is_call(n, (torch.transpose, torch.permute), ("transpose", "permute")) for n in path)
+            if moved and len(shape) == 3 and shape[-1] == h * d:
+                return product, z_first, "bt(hd)"
+            if moved and len(shape) == 4 and shape[2:] == (h, d):
+                return product, z_first, "bthd"
+            if not moved and shape == tuple(example_value(z).shape):
+                return product, z_first, "bhtd"
+            raise UnsupportedModelError(
+                f"layer at {site.module_stack_path or '<root>'}: the gate product z ⊙ g before W_O has layout "
+                f"{shape}; attnfx reads gates laid out [b, t, H·d], [b, t, H, d] or [b, H, t, d] (H={h}, d={d})")
+    raise UnsupportedModelError(f"the gate product z ⊙ g of the layer at {site.module_stack_path or '<root>'} "
+                                "does not read this graph's head output z")
 
 
 def _per_head_weight(g, site: AttentionSite) -> tuple[Node, str]:
