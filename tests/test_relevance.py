@@ -338,3 +338,24 @@ def test_relevance_through_soft_caps():
             torch.testing.assert_close(sums["tokens"], sums["target"], rtol=0, atol=atol)
             torch.testing.assert_close(sums["residual"].T, sums["target"].expand(2, -1), rtol=0, atol=atol)
     im.uninstrument()
+
+
+def test_relevance_of_gated_heads():
+    """Qwen3-Next gates each head (z ⊙ σ(g)) before W_O: a head's relevance is that of what W_O
+    reads, so the heads add up to the attention output (o_proj has no bias), and the efficient pass
+    equals the explicit rules under both rules, with no leak."""
+    from zoo import BY_NAME, build as build_family, inputs
+    family = BY_NAME["qwen3_next"]
+    model = build_family(family, "sdpa").double()
+    ids = {"input_ids": inputs(family, model)["input_ids"]}
+    im = attnfx.instrument(model, example_inputs=ids)
+    assert all(info.gated for info in im.sites)
+    for rule in RULES:
+        got = attnfx.relevance(im, ids, 3, rule=rule)
+        want = explicit_relevance(model, ids, lambda out: out.logits[:, -1, 3], rule)
+        assert got.leaks == []
+        for name, value in {"tokens": got.tokens, "heads": got.heads_per_position, "attn": got.attn}.items():
+            _close(value, want[name])
+        layers = [info.layer for info in im.sites]
+        _close(got.heads_per_position.sum(-1), got.attn[:, :, layers], rel=1e-10)
+    im.uninstrument()

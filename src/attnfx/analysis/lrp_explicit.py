@@ -25,6 +25,7 @@ from .. import lrp_plan
 from ..blocks import find_blocks
 from ..sites import _VIEW_FUNCTIONS, _VIEW_METHODS, find_sites
 from ..norms import PASS_METHODS
+from ..passes.record import head_output
 
 EPS = 1e-12
 _MOVE_FNS = _VIEW_FUNCTIONS | {operator.getitem, torch.cat, torch.concat, torch.stack, F.dropout, torch.clone,
@@ -264,13 +265,14 @@ def explicit_relevance(model, inputs: dict, target_fn, rule: str = "attnlrp") ->
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         user = {n for n, v in zip(placeholders, example_inputs) if id(v) not in params}
         sites, _ = find_sites(gm.graph)
+        heads = [head_output(s, s.attn) for s in sites]       # z, or z ⊙ g per head on a gated site
         blocks = find_blocks(gm.graph, sites, user)
         sources = lrp_plan.activation_sources(gm.graph, user)
         plan = lrp_plan.plan(gm.graph, sources, sites, rule)
         taps: dict[Node, list] = {}
         for key, node in [("tokens", blocks.tokens)] + [
                 ((kind, layer), node) for kind, nodes in (("resid", blocks.resid_pre), ("attn", blocks.attn_out),
-                                                          ("mlp", blocks.mlp_out), ("heads", [s.attn for s in sites]))
+                                                          ("mlp", blocks.mlp_out), ("heads", heads))
                 for layer, node in enumerate(nodes)]:
             if node is not None:
                 taps.setdefault(node, []).append(key)
