@@ -98,12 +98,12 @@ def _wall_clock_ms(fns: dict, repeats: int) -> dict[str, float]:
     return {name: statistics.median(times) for name, times in samples.items()}
 
 
-def bench(fns: dict, repeats: int = CPU_REPEATS) -> dict[str, float]:
-    """Median time in ms of each provider fn(): triton's do_bench on CUDA, else an interleaved
-    median wall clock."""
+def bench(fns: dict, repeats: int = CPU_REPEATS, rep_ms: int = GPU_REP_MS) -> dict[str, float]:
+    """Median time in ms of each provider fn(): triton's do_bench on CUDA (rep_ms of timing),
+    else an interleaved median wall clock."""
     if torch.cuda.is_available():
         from triton.testing import do_bench
-        return {name: float(do_bench(fn, warmup=GPU_WARMUP_MS, rep=GPU_REP_MS, return_mode="median"))
+        return {name: float(do_bench(fn, warmup=min(GPU_WARMUP_MS, rep_ms), rep=rep_ms, return_mode="median"))
                 for name, fn in fns.items()}
     return _wall_clock_ms(fns, repeats)
 

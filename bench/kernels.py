@@ -3,7 +3,13 @@
 flash and cuDNN backends and FlexAttention.
 
     python bench/kernels.py            # CUDA: bf16, head_dim 64/128, T = 512 … 16k, causal and not
-    python bench/kernels.py --quick    # a smoke run; on CPU it runs the kernel in Triton's interpreter
+    python bench/kernels.py --quick    # CUDA: T = 1k/4k/16k, no FlexAttention (its compiles take
+                                       # minutes), short timing budgets: `make gpu-check`'s subset;
+                                       # CPU: a smoke run of the kernel in Triton's interpreter
+    python bench/kernels.py --lengths 4096 --flex   # any subset
+
+A provider that fails is recorded with its error, and the JSON is rewritten after every point,
+so a run cut short by a time cap still leaves its results.
 
 FLOPs = 4·b·H·T²·d forward, ×2.5 backward, halved when causal. The token count b·T is held at
 16k and H·d at 2048, so every point does the same work per token. A backward is timed alone:
@@ -12,6 +18,7 @@ FLOPs = 4·b·H·T²·d forward, ×2.5 backward, halved when causal. The token c
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from pathlib import Path
@@ -34,7 +41,7 @@ def _flops(b, h, t, d, causal, direction) -> float:
     return 4 * b * h * t * t * d / (2 if causal else 1) * (2.5 if direction == "backward" else 1.0)
 
 
-def _torch_providers(q, k, v, causal: bool) -> dict:
+def _torch_providers(q, k, v, causal: bool, flex: bool = True) -> dict:
     """name → forward fn of the torch baselines (SDPA flash, cuDNN, FlexAttention) on CUDA."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -46,14 +53,16 @@ def _torch_providers(q, k, v, causal: bool) -> dict:
                 return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         return run
 
-    flex = torch.compile(flex_attention)
-    T = q.shape[2]
-    mask = create_block_mask(lambda b, h, i, j: i >= j, None, None, T, T) if causal else None
-    return {"sdpa flash (FA2)": sdpa(SDPBackend.FLASH_ATTENTION), "sdpa cuDNN": sdpa(SDPBackend.CUDNN_ATTENTION),
-            "FlexAttention": lambda q, k, v: flex(q, k, v, block_mask=mask)}
+    fns = {"sdpa flash (FA2)": sdpa(SDPBackend.FLASH_ATTENTION), "sdpa cuDNN": sdpa(SDPBackend.CUDNN_ATTENTION)}
+    if flex:
+        compiled = torch.compile(flex_attention)
+        T = q.shape[2]
+        mask = create_block_mask(lambda b, h, i, j: i >= j, None, None, T, T) if causal else None
+        fns["FlexAttention"] = lambda q, k, v: compiled(q, k, v, block_mask=mask)
+    return fns
 
 
-def _providers(q, k, v, causal: bool, cuda: bool) -> dict:
+def _providers(q, k, v, causal: bool, cuda: bool, flex: bool = True) -> dict:
     """name → forward fn."""
     import torch.nn.functional as F
 
@@ -70,11 +79,11 @@ def _providers(q, k, v, causal: bool, cuda: bool) -> dict:
     if not cuda:
         fns["sdpa (math)"] = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         return fns
-    fns.update({name: (lambda fn=fn: fn(q, k, v)) for name, fn in _torch_providers(q, k, v, causal).items()})
+    fns.update({name: (lambda fn=fn: fn(q, k, v)) for name, fn in _torch_providers(q, k, v, causal, flex).items()})
     return fns
 
 
-def _backward_providers(q, k, v, causal: bool, cuda: bool) -> dict:
+def _backward_providers(q, k, v, causal: bool, cuda: bool, flex: bool = True) -> dict:
     """name → backward-only fn: our two backward kernels (plain, AttnLRP), autograd.grad of a
     retained forward graph for the torch providers."""
     import torch.nn.functional as F
@@ -83,7 +92,7 @@ def _backward_providers(q, k, v, causal: bool, cuda: bool) -> dict:
     do = torch.randn_like(q)
     fns = {"attnfx": lambda: attention_bwd(do, q, k, v, saved["o"], saved["lse"], causal=causal),
            "attnfx lrp": lambda: attention_bwd(do, q, k, v, saved["o"], saved["lse"], causal=causal, lrp=True)}
-    torch_fns = (_torch_providers(q, k, v, causal) if cuda else
+    torch_fns = (_torch_providers(q, k, v, causal, flex) if cuda else
                  {"sdpa (math)": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)})
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
     for name, fn in torch_fns.items():
@@ -101,42 +110,71 @@ def _peak_mb(fn) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+def _arguments():
+    parser = H.cli(__doc__.split("\n")[0])
+    parser.add_argument("--lengths", type=int, nargs="+", help="sequence lengths (default: by --quick)")
+    parser.add_argument("--flex", action=argparse.BooleanOptionalAction, default=None,
+                        help="time FlexAttention (default: on, off with --quick)")
+    parser.add_argument("--rep-ms", type=int, default=None, help="do_bench budget per provider (CUDA)")
+    return H.parse_args(parser)
+
+
 def main() -> None:
-    args = H.parse_args(H.cli(__doc__.split("\n")[0]))
+    args = _arguments()
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
-    lengths = [512, 1024, 2048, 4096, 8192, 16384] if cuda and not args.quick else [64, 128]
-    tokens = TOKENS if cuda and not args.quick else 128
+    full = cuda and not args.quick
+    lengths = args.lengths or ([1024, 4096, 16384] if cuda and args.quick else
+                               [512, 1024, 2048, 4096, 8192, 16384] if cuda else [64, 128])
+    flex = cuda and (args.flex if args.flex is not None else not args.quick)
+    rep_ms = args.rep_ms or (100 if args.quick else H.GPU_REP_MS)
+    tokens, name = (TOKENS if cuda else 128), "kernels" if full and args.lengths is None else "kernels_quick"
     rows = []
     for d in (64, 128):
-        heads = WIDTH // d if cuda and not args.quick else 2
+        heads = WIDTH // d if cuda else 2
         for causal in (True, False):
             for T in lengths:
                 b = max(1, tokens // T)
                 q, k, v = (torch.randn(b, heads, T, d, device=device, dtype=dtype) for _ in range(3))
                 for direction, make in (("forward", _providers), ("backward", _backward_providers)):
-                    fns = make(q, k, v, causal, cuda)
-                    times = H.bench(fns, repeats=3 if not cuda else H.CPU_REPEATS)
                     point = dict(head_dim=d, causal=causal, T=T, batch=b, heads=heads, direction=direction,
                                  dtype=str(dtype).removeprefix("torch."))
-                    rows += [{"provider": name, **point, "ms": ms,
-                              "tflops": _flops(b, heads, T, d, causal, direction) / ms / 1e9,
-                              "peak_mb": _peak_mb(fns[name]) if cuda else None} for name, ms in times.items()]
-                    print(f"{direction} d={d} causal={causal} T={T}: " +
-                          ", ".join(f"{r['provider']} {r['tflops']:.3g}" for r in rows[-len(times):]), flush=True)
-                    del fns
-    ratios = _ratios(rows)
-    path = H.write_json("kernels", {"tokens": tokens, "width": WIDTH, "rows": rows,
-                                    "ratios": ratios, "interpreted": not cuda}, args.out)
-    _plot(rows, path.with_suffix(".png"))
-    print(f"ratios: {ratios}\nwrote {path}")
+                    rows += _measure(make, (q, k, v, causal, cuda, flex), point, rep_ms)
+                    path = H.write_json(name, {"tokens": tokens, "width": WIDTH, "rows": rows,
+                                               "ratios": _ratios(rows), "interpreted": not cuda}, args.out)
+    _plot([r for r in rows if "error" not in r], path.with_suffix(".png"))
+    print(f"ratios: {_ratios(rows)}\nwrote {path}")
+
+
+def _measure(make, inputs, point: dict, rep_ms: int) -> list[dict]:
+    """One row per provider at this point; a provider that fails is a row with its error."""
+    q, k, v, causal, cuda, _ = inputs
+    b, heads, T, d = point["batch"], point["heads"], point["T"], point["head_dim"]
+    try:
+        fns = make(*inputs)
+    except Exception as e:                                  # e.g. our forward failing under the backward
+        print(f"{point}: setup failed: {e}", flush=True)
+        return [{"provider": "(setup)", **point, "error": f"{type(e).__name__}: {str(e)[:300]}"}]
+    rows = []
+    for provider, fn in fns.items():
+        try:
+            ms = H.bench({provider: fn}, repeats=3 if not cuda else H.CPU_REPEATS, rep_ms=rep_ms)[provider]
+            rows.append({"provider": provider, **point, "ms": ms,
+                         "tflops": _flops(b, heads, T, d, causal, point["direction"]) / ms / 1e9,
+                         "peak_mb": _peak_mb(fn) if cuda else None})
+        except Exception as e:                              # one provider's failure is a result, not the end
+            rows.append({"provider": provider, **point, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+    print(f"{point['direction']} d={d} causal={causal} T={T}: " + ", ".join(
+        f"{r['provider']} {r['tflops']:.3g}" if "error" not in r else f"{r['provider']} FAILED" for r in rows),
+        flush=True)
+    return rows
 
 
 def _ratios(rows) -> dict:
     """The targets: readouts vs our plain kernel (forward); our plain kernel vs SDPA flash (FA2),
     forward and backward; our AttnLRP backward vs our plain backward."""
     def tf(provider, r):
-        return next((x["tflops"] for x in rows if x["provider"] == provider and x["direction"] == r["direction"]
+        return next((x.get("tflops") for x in rows if x["provider"] == provider and x["direction"] == r["direction"]
                      and x["head_dim"] == r["head_dim"] and x["causal"] == r["causal"] and x["T"] == r["T"]), None)
 
     def ratio(a, b):
@@ -144,7 +182,7 @@ def _ratios(rows) -> dict:
 
     out = {}
     for r in rows:
-        if r["provider"] != "attnfx":
+        if r["provider"] != "attnfx" or "error" in r:
             continue
         key = f"{r['direction']}_d{r['head_dim']}_{'causal' if r['causal'] else 'full'}_T{r['T']}"
         out[key] = {"plain_over_fa2": ratio(r["tflops"], tf("sdpa flash (FA2)", r))}
