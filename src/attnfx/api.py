@@ -2,7 +2,8 @@
 nodes of its torch.compile graph (DESIGN §1).
 
 The wrapper's traced forward declares the state buffers to dynamo (the marker op) and calls the
-wrapped model's own forward; the shared backend rewrites every captured graph. Each call runs
+wrapped model's own forward; the shared backend rewrites every captured graph (those dynamo
+compiles after a graph break take the state at each call: capture/resumed.py). Each call runs
 inside a call context that collects which sites ran and what they recorded, so a call that
 dynamo ran without our graph (recompile limit, skipped frame) raises instead of returning plain
 outputs. The wrapped model is never modified; its parameters are shared.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import itertools
 import sys
 import types
@@ -38,6 +40,11 @@ __all__ = ["instrument", "InstrumentedModel", "SiteInfo", "FinalNormInfo"]
 
 _LIVE: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
 _TRACED: dict[tuple, types.FunctionType] = {}
+_STRUCTURES: dict[tuple, int] = {}
+_REGIONS: dict[tuple, object] = {}
+# Regions with a recompile budget of their own: torch ≥ 2.13. On older torch the frames after a
+# graph break share dynamo's budget with every other model (see _region).
+_ISOLATES_RECOMPILES = "isolate_recompiles" in inspect.signature(torch._dynamo.eval_frame._optimize).parameters
 
 
 def instrument(model: nn.Module, *, backend: str | None = None, example_inputs=None,
@@ -47,8 +54,9 @@ def instrument(model: nn.Module, *, backend: str | None = None, example_inputs=N
     backend: "inductor" (default on CUDA), "eager" (default on CPU: runs the rewritten graph
     directly) or "aot_eager". example_inputs (a tensor, tuple of args or dict of kwargs) finds the
     sites now; HF models get a 4-token input by default; otherwise sites are found on the first
-    call. lower=True puts attnfx's fused attention op in place of SDPA calls without an explicit
-    mask: the Triton kernel on CUDA; on CPU the reference unless
+    call. lower=True puts attnfx's fused attention op in place of SDPA calls whose masking it has
+    (is_causal, or a causal / key-padding mask read off its construction: passes/mask_terms.py):
+    the Triton kernel on CUDA; on CPU the reference unless
     `attnfx.ops.attention.set_attention_backend("triton")` (off by default until the kernel has
     been verified on a GPU).
     """
@@ -282,6 +290,19 @@ def _traced_function(key: tuple) -> types.FunctionType:
     return fn
 
 
+def _region(key: tuple, mode: str, fullgraph: bool):
+    """dynamo's compile region of a traced frame, shared by the instances that share the frame.
+    Isolated: the frames dynamo compiles inside it after a graph break (HF's shared decorator
+    wrappers, a decoder layer's forward) keep their cache entries, and their recompile limit, per
+    region. Shared with every other model and call, such a frame reaches the limit, and dynamo
+    then runs it plain for good: its attention silently uninstrumented."""
+    region = _REGIONS.get(key)
+    if region is None:
+        isolated = {"isolate_recompiles": True} if _ISOLATES_RECOMPILES else {}
+        region = _REGIONS[key] = torch._dynamo.optimize(BACKENDS[mode], nopython=fullgraph, **isolated)
+    return region
+
+
 class InstrumentedModel(nn.Module):
     """A model whose heads are explicit graph nodes. Call it like the model; steer it through
     `.steering`, record with `.record(...)`, generate with `.generate(...)`."""
@@ -296,6 +317,7 @@ class InstrumentedModel(nn.Module):
         self._lower = lower
         self._model_forward = model.forward            # bound before anything could patch it
         self._fingerprint = _fingerprint(model)
+        self._structure = _STRUCTURES.setdefault(self._fingerprint, len(_STRUCTURES))   # a small key for it
         self._set_spec(PLAIN)
         self._sites: tuple[SiteInfo, ...] | None = None
         self._layer_of: dict[tuple[str, int], int] = {}
@@ -428,9 +450,8 @@ class InstrumentedModel(nn.Module):
     def _compiled_for(self, key: tuple):
         fn = self._compiled.get(key)
         if fn is None:
-            traced = _traced_function(self._traced_key(key))
-            fn = torch.compile(types.MethodType(traced, self), backend=BACKENDS[self._mode],
-                               fullgraph=self._fullgraph)
+            traced_key = self._traced_key(key)
+            fn = _region(traced_key, self._mode, self._fullgraph)(types.MethodType(_traced_function(traced_key), self))
             self._compiled[key] = fn
         return fn
 
@@ -442,6 +463,7 @@ class InstrumentedModel(nn.Module):
         limit as skipped for good, so the next call must trace a fresh code object."""
         self._compiled.pop(key, None)
         _TRACED.pop(self._traced_key(key), None)
+        _REGIONS.pop(self._traced_key(key), None)
 
     def _call(self, args, kwargs):
         self._check_attached()
@@ -529,21 +551,24 @@ class InstrumentedModel(nn.Module):
         self.steering._mark_unbiased_identity()
 
     # ---- called by the backend at compile time ---------------------------------------------
-    def _describe_graph(self, gm, example_inputs, found, notes) -> GraphInfo:
+    def _describe_graph(self, gm, example_inputs, found, notes, keys=None) -> GraphInfo:
+        """keys: each site's (module path, occurrence) in the call, when the graph's own are
+        relative to a frame that is not the model's (a graph after a graph break: capture/resumed.py)."""
         names = self._placeholder_names(gm, example_inputs)
         module_names = {name for name, _ in self.model.named_modules()}
         roles = site_roles(gm.graph, found, {node for node, name in names.items() if name is None})
         infos = []
-        for site, (stack, attends) in zip(found, roles):
-            path = module_path(site.module_stack_path, module_names)
+        for n, (site, (stack, attends)) in enumerate(zip(found, roles)):
+            path, occurrence = keys[n] if keys is not None else (
+                module_path(site.module_stack_path, module_names), site.occurrence)
             o_val = example_value(site.o_weight) if site.o_weight is not None else None
             d_model = None if o_val is None else int(o_val.shape[0] if site.o_layout == "out_in" else o_val.shape[1])
             infos.append(SiteInfo(
-                layer=self._layer_of.get((path, site.occurrence), -1), module_path=path,
+                layer=self._layer_of.get((path, occurrence), -1), module_path=path,
                 pattern=site.pattern, num_heads=site.num_heads, num_kv_heads=site.num_kv_heads,
                 head_dim=site.head_dim, d_model=d_model, causal=site.causal, masked=site.masked,
                 o_proj=names.get(site.o_weight), value_bias=names.get(site.v_bias),
-                occurrence=site.occurrence, scale=site.scale, kv_heads_read=site.kv_heads_read,
+                occurrence=occurrence, scale=site.scale, kv_heads_read=site.kv_heads_read,
                 stack=stack, attends=attends, gated=site.gate is not None))
         if self._sites is not None and any(i.layer < 0 for i in infos):
             raise NoAttentionFoundError(

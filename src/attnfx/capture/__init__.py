@@ -1,1 +1,2 @@
-"""Capture: the shared dynamo backend, the state marker op and the per-call context."""
+"""Capture: the shared dynamo backend, the state marker op, the per-call context, graphs compiled
+after a graph break (resumed.py) and flex attention as the bare model runs it (flex_kernel.py)."""

@@ -1,8 +1,8 @@
 """The shared dynamo backend. One instance per execution mode for the whole process: dynamo
 guards on the backend, so a backend per model would recompile per model and, past dynamo's
 recompile limit, silently run un-instrumented (DESIGN §1). Per-model state never lives here:
-it arrives as graph inputs (the marker), and the owner of a call is read from the call
-context."""
+it arrives as graph inputs (the marker; after a graph break, capture/resumed.py), and the owner
+of a call is read from the call context."""
 from __future__ import annotations
 
 import warnings
@@ -18,7 +18,9 @@ from ..sites import find_sites
 from ..spec import Spec
 from .checkpoint import inline_checkpoints
 from .context import current
+from .flex_kernel import replay_compiled_flex
 from .marker import find_marker
+from .resumed import ResumedGraph, add_state_inputs
 
 MODES = ("eager", "aot_eager", "inductor")
 
@@ -37,6 +39,8 @@ class Runner:
         if ctx is not None:
             ctx.graphs_run += 1
             ctx.sites_run.extend(self.info.sites)
+            for site in self.info.sites:
+                ctx.runs_of[site.module_path] = ctx.runs_of.get(site.module_path, 0) + 1
             ctx.notes.extend(self.info.notes)
             ctx.final_norm = ctx.final_norm or self.info.final_norm
             ctx.records.extend(zip(self.record_keys, outs[self.num_outputs:]))
@@ -61,25 +65,40 @@ class Backend:
         marker = find_marker(gm.graph)
         if marker is None or ctx is None:
             sites, _ = find_sites(gm.graph)
-            if sites:
+            if not sites:
+                return self._compile(gm, example_inputs)
+            if ctx is None:
                 raise UninstrumentedExecutionError(
-                    f"a graph with {len(sites)} attention site(s) was captured without attnfx's state "
-                    "(a graph break between the instrumented call and the attention); attnfx cannot "
-                    "steer or record it, so it refuses to run it plain")
-            return self._compile(gm, example_inputs)
+                    f"a graph with {len(sites)} attention site(s) was captured outside an instrumented call; "
+                    "attnfx cannot steer or record it, so it refuses to run it plain")
+            # a frame after a graph break: the state comes in at each call (capture/resumed.py)
+            return ResumedGraph(gm, example_inputs, ctx, self._resumed_variant)
         spec = Spec.parse(marker.args[1])
         state = dict(zip(spec.state_names(), marker.args[0]))
         gm.graph.erase_node(marker)
+        return self._instrument(gm, example_inputs, example_inputs, ctx.owner, spec, state)
+
+    def _resumed_variant(self, gm, named_inputs, compile_inputs, owner, keys, state_tensors):
+        """One variant of a resumed graph: the owner's state as placeholders after its inputs."""
+        state = add_state_inputs(gm, owner._state_names, state_tensors)
+        fakes = [node.meta.get("example_value", tensor) for node, tensor in zip(state.values(), state_tensors)]
+        return self._instrument(gm, named_inputs, [*compile_inputs, *fakes], owner, owner._spec, state, keys)
+
+    def _instrument(self, gm, named_inputs, compile_inputs, owner, spec: Spec, state: dict, keys=None) -> Runner:
+        """Find the sites, rewrite them for `spec` with `state` (name → placeholder) and compile.
+        named_inputs are the real tensors the placeholders are named by (parameters by identity);
+        keys, when given, are the sites' (module path, occurrence) (a resumed graph's own paths are
+        relative to its frame)."""
         found, notes = find_sites(gm.graph)
-        info = ctx.owner._describe_graph(gm, example_inputs, found, notes)
+        info = owner._describe_graph(gm, named_inputs, found, notes, keys)
         num_outputs = len(next(n for n in reversed(gm.graph.nodes) if n.op == "output").args[0])
         if spec.discover:
             gm.recompile()
             return Runner(gm.forward, info, num_outputs, [])
         layered = [(site_info.layer, site) for site_info, site in zip(info.sites, found)]
-        user_inputs = ctx.owner._user_inputs(gm, example_inputs, set(state.values()))
-        done = passes.rewrite(gm, layered, spec, state, ctx.owner._final_norm_input(gm), user_inputs,
-                              lower=ctx.owner._lower or _relevance_on_cuda(spec, example_inputs),
+        user_inputs = owner._user_inputs(gm, named_inputs, set(state.values()))
+        done = passes.rewrite(gm, layered, spec, state, owner._final_norm_input(gm), user_inputs,
+                              lower=owner._lower or _relevance_on_cuda(spec, compile_inputs),
                               rule_ops=self.mode != "inductor")
         if done.notes:
             warnings.warn("attnfx lower=True: " + "; ".join(done.notes), LoweringWarning, stacklevel=2)
@@ -88,11 +107,12 @@ class Backend:
         counters["attnfx"]["sites_lowered"] += len(done.lowered)
         counters["attnfx"]["components_probed"] += sum(len(layers) for layers in done.probed.values())
         counters["attnfx"]["lrp_rewrites"] += done.lrp_rewrites
-        return Runner(self._compile(gm, example_inputs), info, num_outputs, done.record_keys, done.probed,
+        return Runner(self._compile(gm, compile_inputs), info, num_outputs, done.record_keys, done.probed,
                       done.leaks)
 
     def _compile(self, gm, example_inputs):
         if self.mode == "eager":
+            replay_compiled_flex(gm)             # flex attention as the bare model runs it (flex_kernel.py)
             return gm.forward
         fill_example_values(gm)
         if self.mode == "aot_eager":

@@ -23,6 +23,7 @@ class CallContext:
     graphs_run: int = 0
     probed: dict = field(default_factory=dict)        # probe kind → layers gated
     leaks: list = field(default_factory=list)         # ops the lrp pass had no rule for
+    runs_of: dict = field(default_factory=dict)       # module path → its sites run so far (occurrences)
 
 
 def current() -> CallContext | None:
