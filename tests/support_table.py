@@ -69,10 +69,11 @@ def render() -> str:
         rows.append([family.name, _implementations(family, notes),
                      *(_cell(family, caps, notes) for caps in COLUMNS.values())])
     lines = ["| " + " | ".join(row) + " |" for row in rows]
-    lines += ["", "✓ checked by `tests/test_zoo.py`; — not applicable (no generate() for encoders and vision "
+    legend = ("✓ checked by `tests/test_zoo.py`; — not applicable (no generate() for encoders and vision "
               "backbones, no direct logit attribution without a decoder's unembedding); · not in the matrix "
-              "(add the family to `zoo.ANALYSED`); ✗ a known gap:", ""]
-    lines += [f"{i}. {reason}" for i, reason in enumerate(notes.reasons, 1)]
+              "(add the family to `zoo.ANALYSED`)")
+    gaps = [f"{i}. {reason}" for i, reason in enumerate(notes.reasons, 1)]
+    lines += ["", legend + ("; ✗ a known gap:" if gaps else "; no known gaps."), *([""] + gaps if gaps else [])]
     lines += ["", "Sites and steering are checked under every implementation listed; recording (and 0 "
               "recompilations over 10 steering changes) under `sdpa` (`eager` where it is the only one), as "
               "are generate, DLA, relevance and patching, for the families of `zoo.ANALYSED`. A plain `nn.Module` "

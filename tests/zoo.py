@@ -138,25 +138,7 @@ ANALYSED = (
 
 # Known gaps: (family, capability) → reason, applied as strict xfails, so a fixed gap fails the
 # matrix until its entry is removed. family is a name (every implementation) or "name/impl".
-_LENGTHS = "encoder and decoder lengths differ (7 and 5 tokens): per-layer state is sized by the encoder input's"
-GAPS = {
-    ("dbrx", "instrument"): ("its experts loop over a data-dependent tensor: dynamo breaks the graph inside each "
-                             "decoder layer and compiles the later frames without attnfx's state, which attnfx "
-                             "refuses (UninstrumentedExecutionError)"),
-    ("llama/flex_attention", "instrument"): ("flex_attention: both sites are found, in a graph captured without "
-                                             "attnfx's state (a graph break between them)"),
-    ("bert/flex_attention", "instrument"): ("flex_attention: HF builds the padding block mask with graph breaks, so "
-                                            "both sites run in a resumed graph without attnfx's state"),
-    ("bart", "relevance"): _LENGTHS,
-    ("whisper", "relevance"): _LENGTHS,
-    ("t5", "relevance"): _LENGTHS,
-    ("bart", "patching"): _LENGTHS,
-    ("whisper", "patching"): _LENGTHS,
-    ("t5", "patching"): _LENGTHS,
-    ("vit", "relevance"): "relevance reads [batch, seq] off the first input: pixel_values [b, 3, H, W] gives 3 tokens",
-    ("vit", "patching"): ("activation_patching's metrics read [batch, seq, vocab] logits; a backbone returns "
-                          "hidden states"),
-}
+GAPS: dict[tuple[str, str], str] = {}
 
 
 def primary(family: Family) -> str:

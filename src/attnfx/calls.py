@@ -1,6 +1,7 @@
 """How analyses read a model call: the inputs as (args, kwargs), the [batch, seq] they carry, each
-row's last real token, the logits among the outputs and the vocabulary they span; and the one
-convention for token ids and positions given per example (`per_example`, `token_ids`, `positions`)."""
+row's last real token, the logits among the outputs and the vocabulary they span, the main output
+metrics read (and its positions: an encoder–decoder's are the decoder's); and the one convention
+for token ids and positions given per example (`per_example`, `token_ids`, `positions`)."""
 from __future__ import annotations
 
 import inspect
@@ -53,20 +54,86 @@ def last_positions(args, kwargs, forward=None) -> torch.Tensor:
     has no attention mask. A mask longer than seq (past tokens first) is read at its last seq
     columns. Pass the model's `forward` to find a mask given positionally."""
     batch, seq = batch_and_length(args, kwargs)
-    mask = attention_mask_of(args, kwargs, forward)
+    return _last_real(attention_mask_of(args, kwargs, forward), batch, seq)
+
+
+def _last_real(mask: torch.Tensor | None, batch: int, seq: int, what: str = "attention_mask") -> torch.Tensor:
+    """Each row's last non-zero position of a [batch, ≥ seq] mask read at its last seq columns
+    (seq − 1 for every row without a mask), a LongTensor [b] on the CPU."""
     if mask is None:
         return torch.full((batch,), seq - 1, dtype=torch.long)
     if mask.dim() != 2 or mask.shape[0] != batch or mask.shape[1] < seq:
         raise ShapeMismatchError(
-            f"the last real token is read from a [batch, seq] = [{batch}, {seq}] attention_mask, got shape "
+            f"the last real token is read from a [batch, seq] = [{batch}, {seq}] {what}, got shape "
             f"{list(mask.shape)}; pass position= explicitly (-1 is the last position)")
     real = mask[:, mask.shape[1] - seq:] != 0
     empty = (~real.any(-1)).nonzero().flatten().tolist()
     if empty:
-        raise InvalidArgumentError(f"attention_mask row(s) {empty} have no real token in the input; "
+        raise InvalidArgumentError(f"{what} row(s) {empty} have no real token in the input; "
                                    "pass position= explicitly")
     index = torch.arange(seq, device=mask.device).expand(batch, seq)
     return torch.where(real, index, -1).amax(-1).cpu()
+
+
+# ---- the outputs' positions -----------------------------------------------------------------------
+DECODER_INPUTS = ("decoder_input_ids", "decoder_inputs_embeds")
+_TOKEN_INPUTS = ("input_ids", "inputs_embeds")
+
+
+def _decoder_input(kwargs) -> torch.Tensor | None:
+    return next((kwargs[name] for name in DECODER_INPUTS
+                 if isinstance(kwargs.get(name), torch.Tensor) and kwargs[name].dim() >= 2), None)
+
+
+def output_length(args, kwargs) -> int | None:
+    """The positions of the main output as the inputs give them, before any run: an encoder–decoder
+    call's decoder input length (its logits are the decoder's), else the token length of
+    input_ids / inputs_embeds or of a first positional argument holding token ids ([b, t]
+    integers) or embeddings ([b, t, d]); None otherwise — pixel values or audio features, whose
+    positions are what the model's layers make of them (read them off a run)."""
+    decoder = _decoder_input(kwargs)
+    if decoder is not None:
+        return int(decoder.shape[1])
+    named = next((kwargs[n] for n in _TOKEN_INPUTS if isinstance(kwargs.get(n), torch.Tensor)), None)
+    first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+    for value in (named, first):
+        if value is not None and (value.dim() == 2 and not value.is_floating_point() or value.dim() == 3):
+            return int(value.shape[1])
+    return None
+
+
+def output_last_positions(args, kwargs, length: int, forward=None) -> torch.Tensor:
+    """Each row's last real position of the main output (`length` positions), a LongTensor [b] on
+    the CPU: for an encoder–decoder call the decoder's — per decoder_attention_mask, or the last
+    position without one (the encoder's attention_mask is not the outputs') — else per the
+    call's attention_mask as `last_positions` reads it, the last position without one."""
+    batch = batch_and_length(args, kwargs)[0]
+    if _decoder_input(kwargs) is None:
+        return _last_real(attention_mask_of(args, kwargs, forward), batch, length)
+    mask = kwargs.get("decoder_attention_mask")
+    return _last_real(mask if isinstance(mask, torch.Tensor) else None, batch, length, "decoder_attention_mask")
+
+
+def find_main_output(outputs) -> torch.Tensor | None:
+    """The [batch, seq, n] tensor metrics read, or None: the output itself when a tensor, its
+    .logits (a language model's, [b, t, vocab]; an encoder–decoder's are the decoder's), else a
+    backbone's .last_hidden_state ([b, t, d_model])."""
+    for value in (outputs, getattr(outputs, "logits", None), getattr(outputs, "last_hidden_state", None)):
+        if isinstance(value, torch.Tensor):
+            return value if value.dim() == 3 else None
+    return None
+
+
+def main_output(outputs) -> torch.Tensor:
+    """`find_main_output`, or an InvalidArgumentError saying what the outputs held."""
+    main = find_main_output(outputs)
+    if main is None:
+        fields = list(outputs.keys()) if hasattr(outputs, "keys") else type(outputs).__name__
+        raise InvalidArgumentError(
+            f"metrics read the model's main output, a [batch, seq, n] tensor: the output itself, its .logits or "
+            f"a backbone's .last_hidden_state; got {fields}. Wrap a function of the whole outputs with "
+            "attnfx.metrics.of_outputs(fn) (e.g. a pooled output), or pass a callable target to relevance")
+    return main
 
 
 def logits_of(outputs) -> torch.Tensor:

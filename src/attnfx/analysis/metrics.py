@@ -1,9 +1,17 @@
-"""Patching metrics: functions of the logits [b, t, vocab] → one value per example [b].
+"""Patching metrics: functions of the model's main output [b, t, n] → one value per example [b].
+
+The main output (`calls.main_output`) is a language model's logits [b, t, vocab] — an
+encoder–decoder's decoder logits, so positions are decoder positions — or a backbone's last
+hidden state [b, t, d_model] (a ViT: its class token at position 0, then its patches). On a
+backbone the token-id metrics read hidden features (logit(5): feature 5); `projection` reads the
+output along a direction (a probe's, a class's), and `of_outputs(fn)` wraps any function of the
+outputs as the model returns them (a pooled output). Outputs holding no main output raise
+InvalidArgumentError, saying so.
 
 Token ids and positions are one per example (or one for all), read by the one convention of
 `calls.per_example` (an int or numpy integer, a 0-d or 1-d integer tensor or array, or a list of
 ints; bools, floats and other lengths raise). A position of −1 is the last position: a metric sees
-only the logits, not the attention mask, so its default cannot be each row's last real token the
+only the main output, not the attention mask, so its default cannot be each row's last real token the
 way head_attribution's and relevance's `position=None` is. For a right-padded batch pass those
 positions, `calls.last_positions(*calls.as_call(inputs))` (a left-padded batch's last real token
 is the last position).
@@ -16,9 +24,29 @@ import torch
 import torch.nn.functional as F
 
 from ..calls import check_vocab, per_example, positions
-from ..errors import InvalidArgumentError
+from ..errors import InvalidArgumentError, ShapeMismatchError
 
 Metric = Callable[[torch.Tensor], torch.Tensor]
+
+
+class OutputsMetric:
+    """A metric of the model's whole outputs (made by `of_outputs`): patching hands it the outputs
+    as the model returns them, not the main output."""
+
+    def __init__(self, fn: Callable):
+        if not callable(fn):
+            raise InvalidArgumentError(f"of_outputs takes a callable outputs → [b], got {type(fn).__name__}")
+        self.fn = fn
+
+    def __call__(self, outputs) -> torch.Tensor:
+        return self.fn(outputs)
+
+
+def of_outputs(fn: Callable) -> OutputsMetric:
+    """A metric of the outputs as the model returns them (a ModelOutput, say) → [b]: for what the
+    main output does not hold, e.g. a backbone's pooled output, `of_outputs(lambda out:
+    out.pooler_output @ direction)`."""
+    return OutputsMetric(fn)
 
 
 def wide(x: torch.Tensor) -> torch.Tensor:
@@ -29,7 +57,8 @@ def wide(x: torch.Tensor) -> torch.Tensor:
 def _at(logits: torch.Tensor, position) -> torch.Tensor:
     """[b, vocab] fp32 logits at each example's position."""
     if logits.dim() != 3:
-        raise InvalidArgumentError(f"metrics take logits [batch, seq, vocab], got shape {list(logits.shape)}")
+        raise InvalidArgumentError(f"metrics take the main output [batch, seq, n] (logits, or a backbone's hidden "
+                                   f"states), got shape {list(logits.shape)}")
     b, t, _ = logits.shape
     rows = torch.arange(b, device=logits.device)
     return wide(logits[rows, positions(position, b, t, device=logits.device)])
@@ -93,3 +122,22 @@ def target_prob(tokens, position=-1) -> Metric:
     """p(token) at `position`."""
     _check_kinds(target=tokens, position=position)
     return lambda logits: _pick(F.softmax(_at(logits, position), -1), tokens, "target")
+
+
+def projection(direction, position=-1) -> Metric:
+    """⟨output[position], direction⟩: the main output at `position` along a direction [n], or one
+    per example [b, n] — a backbone's hidden state along a probe's direction (position 0: a ViT's
+    class token), or a weighted set of a language model's logits."""
+    _check_kinds(position=position)
+    direction = torch.as_tensor(direction)
+    if not direction.is_floating_point() or direction.dim() not in (1, 2):
+        raise InvalidArgumentError(f"a projection direction is a float tensor [n] or [batch, n], got "
+                                   f"{direction.dtype} of shape {list(direction.shape)}")
+
+    def metric(output):
+        at = _at(output, position)                                           # [b, n]
+        if direction.shape[-1] != at.shape[-1] or (direction.dim() == 2 and direction.shape[0] != at.shape[0]):
+            raise ShapeMismatchError(f"the direction's shape {list(direction.shape)} does not fit the output "
+                                     f"at one position, [{at.shape[0]}, {at.shape[1]}]")
+        return (at * direction.to(at)).sum(-1)
+    return metric

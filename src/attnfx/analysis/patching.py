@@ -14,30 +14,38 @@ Components: "heads" (z_h), "queries", "keys", "values" (as attention reads them)
 at once or, with per_position=True, one position at a time. Sources and patch weights are runtime
 tensors of the graph (the probe pass), so every method runs compiled and never recompiles per
 component; AtP and RelP take the gradient at the patch weights (w = 0): ∂metric/∂w = (source − x)·g.
+
+Each layer's positions are its own (an encoder–decoder's encoder layers: the encoder's tokens;
+decoder layers: the decoder's; a cross-attention's keys: the encoder's; a ViT's: its patches and
+class token), read off the corrupt run's activations; per position, those a layer lacks are NaN.
+The metric reads the main output (metrics.py: logits — an encoder–decoder's decoder logits — or a
+backbone's last hidden state), or the whole outputs for a `metrics.of_outputs` metric.
 """
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
-from ..calls import as_call as _call, batch_and_length as _shape_of, logits_of
+from ..calls import as_call as _call, batch_and_length, main_output
 from ..errors import InvalidArgumentError, ShapeMismatchError, UnsupportedModelError
+from ..indices import padded_stack
 from ..passes.probe import HEAD_KINDS
 from ..probing import Probing, relevance_dtype, state_shape
 from ..spec import Spec
 from . import qk_fix
-from .metrics import wide
+from .metrics import OutputsMetric, wide
 
 COMPONENTS = ("heads", "attn", "mlp", "resid", "queries", "keys", "values")
 
 
 @dataclass
 class PatchingResult:
-    """scores: [L, H] ([L, H, T] per position) for head kinds, [L] ([L, T]) for the others."""
+    """scores: [L, H] ([L, H, T] per position) for head kinds, [L] ([L, T]) for the others; per
+    position, T spans the longest layer and a layer's positions past its own length are NaN."""
     scores: torch.Tensor
     dims: tuple[str, ...]
     component: str
@@ -62,27 +70,71 @@ def _check(im, clean, corrupt, component: str):
     (args, kwargs), (cargs, ckwargs) = _call(clean), _call(corrupt)
     if im._sites is None:
         im._discover(args, kwargs)
-    shape, other = _shape_of(args, kwargs), _shape_of(cargs, ckwargs)
-    if shape != other:
-        raise ShapeMismatchError(f"clean and corrupt inputs must share [batch, seq]; got {shape} and {other}")
-    return (args, kwargs), (cargs, ckwargs), shape
+    _check_same_shapes((args, kwargs), (cargs, ckwargs))
+    return (args, kwargs), (cargs, ckwargs), batch_and_length(args, kwargs)[0]
 
 
-def capture(im, inputs, kinds: tuple[str, ...]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One forward returning the logits and, per kind, the activations stacked over layers
-    ([L, b, t(, H), d]; scores [L, b, H, T, S])."""
+def _check_same_shapes(clean: tuple, corrupt: tuple) -> None:
+    """Sources are patched position by position: every tensor input the two calls share (token ids,
+    masks, pixels, audio features) has one shape in both."""
+    (args, kwargs), (cargs, ckwargs) = clean, corrupt
+    pairs = [(f"argument {i}", a, b) for i, (a, b) in enumerate(zip(args, cargs))]
+    pairs += [(name, kwargs[name], ckwargs[name]) for name in kwargs if name in ckwargs]
+    for name, a, b in pairs:
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape != b.shape:
+            raise ShapeMismatchError(f"clean and corrupt inputs must share their shapes ([batch, seq] and every "
+                                     f"other axis); got {name} {list(a.shape)} and {list(b.shape)}")
+
+
+def _captured(im, inputs, kinds: tuple[str, ...]) -> tuple[object, dict[str, list[torch.Tensor]]]:
+    """One forward: its outputs and, per kind, each layer's activation at its own length
+    ([b, t_l(, H), d]; scores [b, H, T, S])."""
     args, kwargs = _call(inputs)
     probing = Probing(im, Spec(captures=tuple(kinds)), {})
     with torch.no_grad(), probing:
-        logits = logits_of(im(*args, **kwargs))
+        outputs = im(*args, **kwargs)
     out = {}
     for kind in kinds:
         per_layer = probing.captures.get(kind, {})
         missing = [layer for layer in range(len(im.sites)) if layer not in per_layer]
         if missing:
             raise InvalidArgumentError(f"no '{kind}' component was found in layer(s) {missing}")
-        out[kind] = torch.stack([per_layer[layer] for layer in range(len(im.sites))])
-    return logits, out
+        out[kind] = [per_layer[layer] for layer in range(len(im.sites))]
+    return outputs, out
+
+
+def capture(im, inputs, kinds: tuple[str, ...]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One forward returning the main output (the logits) and, per kind, the activations stacked
+    over layers ([L, b, t(, H), d]: t the longest layer's, zeros past a layer's own length; scores
+    [L, b, H, T, S])."""
+    outputs, per_layer = _captured(im, inputs, kinds)
+    return main_output(outputs), {kind: padded_stack(xs) for kind, xs in per_layer.items()}
+
+
+def _lengths(per_layer: list[torch.Tensor]) -> list[int]:
+    """Each layer's length, [b, t_l, ...] activations: an encoder layer's is the encoder's."""
+    return [int(x.shape[1]) for x in per_layer]
+
+
+def _metric(metric, outputs, rows: slice | None = None, total: int | None = None) -> torch.Tensor:
+    """The metric per example of a run's outputs — of the main output, or of the whole outputs for
+    an `of_outputs` metric — restricted to the examples `rows` of a run of `total` rows if given."""
+    if isinstance(metric, OutputsMetric):
+        return wide(metric(outputs if rows is None else _rows(outputs, rows, total)))
+    main = main_output(outputs)
+    return wide(metric(main if rows is None else main[rows]))
+
+
+def _rows(value, rows: slice, total: int):
+    """The examples `rows` of a tiled run's outputs: each tensor whose first axis is the run's
+    `total` rows, sliced; containers (a ModelOutput, a dict, a tuple) rebuilt around them."""
+    if isinstance(value, torch.Tensor):
+        return value[rows] if value.dim() > 0 and value.shape[0] == total else value
+    if isinstance(value, Mapping):
+        return type(value)(**{k: _rows(v, rows, total) for k, v in value.items()})
+    if isinstance(value, (tuple, list)):
+        return type(value)(_rows(v, rows, total) for v in value)
+    return value
 
 
 def _per_example(kind: str, estimates: torch.Tensor, per_position: bool) -> tuple[torch.Tensor, tuple]:
@@ -101,37 +153,54 @@ def _layout(kind: str, estimates: torch.Tensor, per_position: bool) -> tuple[tor
     return per_example.mean(1), dims
 
 
+def _past_lengths(scores: torch.Tensor, lengths: list[int], per_position: bool) -> torch.Tensor:
+    """Per-position scores [L(, H), T] with NaN past each layer's own length (the estimates there
+    are zeros of state no component read); summed scores as they are."""
+    if not per_position:
+        return scores
+    scores = scores.clone()
+    for layer, length in enumerate(lengths):
+        scores[layer, ..., length:] = float("nan")
+    return scores
+
+
 # ---- exact activation patching -------------------------------------------------------------------
 def activation_patching(im, clean, corrupt, metric: Callable, components: str = "heads", *,
                         per_position: bool = False, rows_per_forward: int = 256,
                         progress: bool = True) -> PatchingResult:
     """Exact: one patched run per component, many runs batched into one forward (the clean
     batch tiled, each tile patching one component); the last chunk is padded with unpatched
-    tiles so every forward has one shape (no recompilation)."""
+    tiles so every forward has one shape (no recompilation). Per position, each layer's own
+    positions are patched (an encoder layer's: the encoder's tokens) and the rest are NaN."""
     start = time.perf_counter()
-    (args, kwargs), _, (batch, seq) = _check(im, clean, corrupt, components)
-    corrupt_logits, sources = capture(im, corrupt, (components,))
+    (args, kwargs), _, batch = _check(im, clean, corrupt, components)
+    corrupt_outputs, captured = _captured(im, corrupt, (components,))
+    lengths = _lengths(captured[components])
     with torch.no_grad():
-        base = wide(metric(logits_of(im(*args, **kwargs))))
-    todo = _enumerate(im, components, seq, per_position)
+        base = _metric(metric, im(*args, **kwargs))
+    grid = _enumerate(im, components, max(lengths), per_position)
+    todo = [i for i, index in enumerate(grid) if (index[1].start or 0) < lengths[index[0]]]
     tiles = max(1, min(len(todo), rows_per_forward // batch))
-    shape = state_shape(im, components, batch * tiles, seq, per_dim=False)
-    source = sources[components].repeat(1, tiles, *([1] * (sources[components].dim() - 2)))
+    shape = state_shape(im, components, batch * tiles, max(lengths), per_dim=False)
+    source = padded_stack(captured[components])                      # [L, b, t(, H), d]
+    source = source.repeat(1, tiles, *([1] * (source.dim() - 2)))
     tiled_args, tiled_kwargs = _tile(args, batch, tiles), _tile(kwargs, batch, tiles)
-    effects = torch.zeros(len(todo), device=base.device, dtype=base.dtype)
+    effects = torch.full((len(grid),), float("nan"), device=base.device, dtype=base.dtype)
     chunks = range(0, len(todo), tiles)
     for first in tqdm(chunks, desc=f"activation patching ({components})", disable=not progress, leave=False):
         weight = torch.zeros(shape, device=base.device)
         chunk = todo[first:first + tiles]
-        for i, index in enumerate(chunk):
+        for i, flat in enumerate(chunk):
+            index = grid[flat]
             weight[(index[0], slice(i * batch, (i + 1) * batch)) + index[1:]] = 1.0
         state = {f"patch_w_{components}": weight, f"patch_src_{components}": source}
         with torch.no_grad(), Probing(im, Spec(patches=(components,)), state):
-            logits = logits_of(im(*tiled_args, **tiled_kwargs))
-        for i in range(len(chunk)):
-            effects[first + i] = (wide(metric(logits[i * batch:(i + 1) * batch])) - base).mean()
-    scores, dims = _unflatten(im, components, seq, per_position, effects)
-    return PatchingResult(scores, dims, components, "activation", base, wide(metric(corrupt_logits)),
+            outputs = im(*tiled_args, **tiled_kwargs)
+        for i, flat in enumerate(chunk):
+            patched = _metric(metric, outputs, slice(i * batch, (i + 1) * batch), batch * tiles)
+            effects[flat] = (patched - base).mean()
+    scores, dims = _unflatten(im, components, max(lengths), per_position, effects)
+    return PatchingResult(scores, dims, components, "activation", base, _metric(metric, corrupt_outputs),
                           forwards=2 + len(chunks), backwards=0, seconds=time.perf_counter() - start)
 
 
@@ -169,15 +238,15 @@ def _tile(value, batch: int, tiles: int):
 # ---- gradient estimates ----------------------------------------------------------------------------
 def _estimate(im, args, kwargs, metric, kind, source, rule: str, keep=None) -> tuple[torch.Tensor, torch.Tensor]:
     """One clean forward + backward: ∂metric/∂w at w = 0, i.e. (source − x) · g per example,
-    position (and head) — [L, b, t(, H)] — and the clean metric."""
-    batch, seq = _shape_of(args, kwargs)
-    weight = torch.zeros(state_shape(im, kind, batch, seq, per_dim=False), device=source.device,
-                         dtype=relevance_dtype(im.model), requires_grad=True)
+    position (and head) — [L, b, t(, H)], zeros past a layer's own length — and the clean metric.
+    source: [L, b, t(, H), d]."""
+    weight = torch.zeros(state_shape(im, kind, source.shape[1], source.shape[2], per_dim=False),
+                         device=source.device, dtype=relevance_dtype(im.model), requires_grad=True)
     state = {f"patch_w_{kind}": weight, f"patch_src_{kind}": source}
     if keep is not None:
         state["grad_keep"] = keep
     with torch.enable_grad(), Probing(im, Spec(patches=(kind,), rule=rule, graddrop=keep is not None), state):
-        value = wide(metric(logits_of(im(*args, **kwargs))))
+        value = _metric(metric, im(*args, **kwargs))
     (grad,) = torch.autograd.grad(value.sum(), [weight])
     return grad, value.detach()
 
@@ -204,10 +273,11 @@ def relp(im, clean, corrupt, metric: Callable, components: str = "heads", *, per
 def _gradient_method(im, clean, corrupt, metric, kind, per_position, rule, name) -> PatchingResult:
     start = time.perf_counter()
     (args, kwargs), _, _ = _check(im, clean, corrupt, kind)
-    corrupt_logits, sources = capture(im, corrupt, (kind,))
-    grad, base = _estimate(im, args, kwargs, metric, kind, sources[kind], rule)
+    corrupt_outputs, captured = _captured(im, corrupt, (kind,))
+    grad, base = _estimate(im, args, kwargs, metric, kind, padded_stack(captured[kind]), rule)
     scores, dims = _layout(kind, grad, per_position)
-    return PatchingResult(scores, dims, kind, name, base, wide(metric(corrupt_logits)), forwards=2, backwards=1,
+    return PatchingResult(_past_lengths(scores, _lengths(captured[kind]), per_position), dims, kind, name, base,
+                          _metric(metric, corrupt_outputs), forwards=2, backwards=1,
                           seconds=time.perf_counter() - start)
 
 
@@ -220,7 +290,7 @@ def atp_star(im, clean, corrupt, metric: Callable, components: str = "heads", *,
     an upper-bound-like magnitude that cancellation cannot hide). `signed` keeps the
     QK-fixed AtP without GradDrop. Passes: 2 + L forwards, 1 + L backwards (GradDrop off: 2, 1)."""
     start = time.perf_counter()
-    (args, kwargs), _, (batch, seq) = _check(im, clean, corrupt, components)
+    (args, kwargs), _, _ = _check(im, clean, corrupt, components)
     layers = len(im.sites)
     qk = components in ("queries", "keys")
     unscaled = [site.layer for site in im.sites if site.scale is None]
@@ -228,16 +298,22 @@ def atp_star(im, clean, corrupt, metric: Callable, components: str = "heads", *,
         raise UnsupportedModelError(
             f"AtP*'s QK fix recomputes the logits q·kᵀ·scale, but the scores of layer(s) {unscaled} are not "
             "q·kᵀ times a constant (soft-capped, say); use components='heads' or attribution_patching")
+    gated = [site.layer for site in im.sites if site.gated]
+    if qk and gated:            # its gradient is taken at the head output z ⊙ g; the fix needs it at z
+        raise UnsupportedModelError(
+            f"AtP*'s QK fix needs the gradient at z, but the heads of layer(s) {gated} are gated before W_O "
+            "(z ⊙ g) and the gate of this input is not captured; use components='heads' or attribution_patching")
     kinds = ("queries", "keys", "values", "scores") if qk else (components,)
-    corrupt_logits, corrupt_acts = capture(im, corrupt, kinds[:2] if qk else kinds)
-    clean_acts = capture(im, clean, kinds)[1] if qk else None
+    corrupt_outputs, corrupt_acts = _captured(im, corrupt, kinds[:2] if qk else kinds)
+    clean_acts = _captured(im, clean, kinds)[1] if qk else None
+    lengths = _lengths(corrupt_acts[components])
 
     def estimate(keep):
         if not qk:
-            return _estimate(im, args, kwargs, metric, components, corrupt_acts[components], "gradient", keep)
-        grad_z, value = _grad_at_heads(im, args, kwargs, metric, batch, seq, keep)
-        scales = [s.scale for s in im.sites]
-        return qk_fix.estimate(components, clean_acts, corrupt_acts, grad_z, scales), value
+            return _estimate(im, args, kwargs, metric, components, padded_stack(corrupt_acts[components]),
+                             "gradient", keep)
+        grad_z, value = _grad_at_heads(im, args, kwargs, metric, clean_acts["queries"], keep)
+        return _qk_fixed(components, clean_acts, corrupt_acts, grad_z, [s.scale for s in im.sites]), value
 
     signed, base = estimate(None)
     runs = []
@@ -254,19 +330,34 @@ def atp_star(im, clean, corrupt, metric: Callable, components: str = "heads", *,
         scores = stacked.masked_fill(own, 0.0).sum(0) / max(layers - 1, 1)
     else:
         scores = signed_scores
-    return PatchingResult(scores, dims, components, "atp*", base, wide(metric(corrupt_logits)),
-                          forwards=2 + int(qk) + len(runs), backwards=1 + len(runs),
-                          seconds=time.perf_counter() - start, signed=signed_scores)
+    return PatchingResult(_past_lengths(scores, lengths, per_position), dims, components, "atp*", base,
+                          _metric(metric, corrupt_outputs), forwards=2 + int(qk) + len(runs),
+                          backwards=1 + len(runs), seconds=time.perf_counter() - start,
+                          signed=_past_lengths(signed_scores, lengths, per_position))
 
 
-def _grad_at_heads(im, args, kwargs, metric, batch, seq, keep) -> torch.Tensor:
-    """∂metric/∂z at every head output, [L, b, t, H, d], from one clean forward + backward."""
-    delta = torch.zeros(state_shape(im, "heads", batch, seq, per_dim=True), device=im.z_scale.device,
+def _qk_fixed(kind: str, clean: dict, corrupt: dict, grad_z: torch.Tensor, scales: list) -> torch.Tensor:
+    """The QK fix layer by layer, each at its own lengths (an encoder–decoder's cross-attention
+    reads decoder queries and encoder keys): [L, b, t(or S), H(k)], zeros past a layer's length."""
+    per_layer = []
+    for layer, scale in enumerate(scales):
+        queries = clean["queries"][layer].shape[1]
+        own = {name: [clean[name][layer]] for name in ("queries", "keys", "values", "scores")}
+        per_layer.append(qk_fix.estimate(kind, own, {kind: [corrupt[kind][layer]]},
+                                         grad_z[layer:layer + 1, :, :queries], [scale])[0])
+    return padded_stack(per_layer)
+
+
+def _grad_at_heads(im, args, kwargs, metric, queries: list[torch.Tensor], keep) -> torch.Tensor:
+    """∂metric/∂z at every head output, [L, b, t, H, d] (t: the longest layer's queries, zeros past
+    a layer's own), from one clean forward + backward."""
+    batch, longest = queries[0].shape[0], max(_lengths(queries))
+    delta = torch.zeros(state_shape(im, "heads", batch, longest, per_dim=True), device=im.z_scale.device,
                         dtype=relevance_dtype(im.model), requires_grad=True)
     state = {"delta_heads": delta}
     if keep is not None:
         state["grad_keep"] = keep
     with torch.enable_grad(), Probing(im, Spec(deltas=("heads",), graddrop=keep is not None), state):
-        value = wide(metric(logits_of(im(*args, **kwargs))))
+        value = _metric(metric, im(*args, **kwargs))
     (grad,) = torch.autograd.grad(value.sum(), [delta])
     return grad, value.detach()

@@ -11,6 +11,13 @@ rules — the component's relevance — for every component at once, in fp32.
     rel.attn, rel.mlp        [b, t, L]     attention / MLP output of each layer
     rel.residual             [b, t, L]     the residual stream entering each layer
     rel.target               [b]           the target's value
+
+Positions are each layer's own: t spans the longest layer, and a layer's entries past its own
+length are NaN. In an encoder–decoder the encoder layers' positions are the encoder's tokens and
+the decoder layers' (self- and cross-attention alike: their queries) the decoder's; a
+cross-attention layer's residual is what its keys and values read, the encoder's output. A
+vision backbone's positions are its patches (and class token), whatever the pixels' shape; the
+target's positions are the main output's (an encoder–decoder's decoder logits).
 """
 from __future__ import annotations
 
@@ -21,10 +28,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..calls import (INTEGER_FORMS, as_call, batch_and_length, check_vocab, is_integer_like, last_positions,
-                     logits_of, per_example, positions as _positions, vocab_size)
-from ..errors import InvalidArgumentError, RelevanceLeakError, RelevanceLeakWarning, ShapeMismatchError
-from ..probing import Probing, relevance_dtype, state_shape
+from ..calls import (INTEGER_FORMS, as_call, batch_and_length, check_vocab, is_integer_like, main_output,
+                     output_last_positions, output_length, per_example, positions as _positions, vocab_size)
+from ..errors import AttnfxError, InvalidArgumentError, RelevanceLeakError, RelevanceLeakWarning, ShapeMismatchError
+from ..indices import padded_stack
+from ..probing import Lengths, Probing, relevance_dtype, remeasured, sequence_lengths, state_shape
 from ..spec import RULES, Spec, gate_name
 from . import metrics
 
@@ -42,21 +50,28 @@ class Relevance:
 
     @property
     def heads(self) -> torch.Tensor | None:
-        """[b, L, H]: each head's relevance summed over positions."""
-        return None if self.heads_per_position is None else self.heads_per_position.sum(1)
+        """[b, L, H]: each head's relevance summed over its layer's positions."""
+        return None if self.heads_per_position is None else _sum_positions(self.heads_per_position)
 
     def conservation(self) -> dict[str, torch.Tensor]:
-        """Σ relevance of each component set per example ([b], or [b, L] per layer) beside the
-        target: equal for a bias-free model of linear, norm and uniform-rule ops; biases absorb
-        their share and the softmax rule is not conservative (DESIGN §3)."""
+        """Σ relevance of each component set per example ([b], or [b, L] per layer, each layer over
+        its own positions) beside the target: equal for a bias-free model of linear, norm and
+        uniform-rule ops; biases absorb their share and the softmax rule is not conservative
+        (DESIGN §3)."""
         sums = {"target": self.target}
         for name in ("tokens", "residual", "attn", "mlp"):
             value = getattr(self, name)
             if value is not None:
-                sums[name] = value.sum(1)
+                sums[name] = _sum_positions(value)
         if self.heads_per_position is not None:
-            sums["heads"] = self.heads_per_position.sum((1, 3))
+            sums["heads"] = _sum_positions(self.heads_per_position).sum(-1)
         return sums
+
+
+def _sum_positions(value: torch.Tensor) -> torch.Tensor:
+    """Σ over positions (dim 1), the NaN past a layer's length left out; a layer found nowhere
+    (NaN throughout) stays NaN."""
+    return value.nansum(1).masked_fill(value.isnan().all(1), float("nan"))
 
 
 COMPONENTS = {"tokens": "tokens", "heads": "heads", "attn": "attn", "mlp": "mlp", "residual": "resid"}
@@ -74,10 +89,11 @@ def relevance(im, inputs, target, *, rule: str = "attnlrp", foil=None, position=
       once (a list of tuples, where a list of ints is one token per example);
     * a callable outputs → [b]: any scalar function of the outputs per example.
 
-    position (token and dict targets): None (the default) is each row's last real token per the
-    call's attention_mask — before the pads of a right-padded row, the last position of a
-    left-padded one — and the last position when the call has no mask; an int or one per example
-    reads those positions (−1 is the last position, pad or not). inputs: a tensor, a tuple of
+    position (token and dict targets), a position of the main output (an encoder–decoder's decoder
+    logits): None (the default) is each row's last real token per the call's attention_mask (an
+    encoder–decoder's decoder_attention_mask) — before the pads of a right-padded row, the last
+    position of a left-padded one — and the last position when the call has no mask; an int or one
+    per example reads those positions (−1 is the last position, pad or not). inputs: a tensor, a tuple of
     arguments or a mapping of keyword arguments (a dict, a tokenizer's BatchEncoding).
     rule: "attnlrp", "cp-lrp" or "gradient" (plain gradient × input). Ops without a rule are
     reported in `.leaks` with a RelevanceLeakWarning; check=True raises RelevanceLeakError instead.
@@ -90,18 +106,10 @@ def relevance(im, inputs, target, *, rule: str = "attnlrp", foil=None, position=
         raise InvalidArgumentError(f"components must be among {tuple(COMPONENTS)}, got {tuple(components)}")
     kinds = tuple(kind for name, kind in COMPONENTS.items() if name in components)
     args, kwargs = as_call(inputs)
-    batch, seq = batch_and_length(args, kwargs)
-    terms = _target_terms(target, foil, position, batch, seq,
-                          last=lambda: last_positions(args, kwargs, im.model.forward))
-    if im._sites is None:
-        im._discover(args, kwargs)
+    batch = batch_and_length(args, kwargs)[0]
+    terms, lengths = _terms_and_lengths(im, args, kwargs, kinds, batch, target, foil, position)
     target_fn = _target_function(target, terms, batch, vocab_size(im))
-    dtype = relevance_dtype(im.model)
-    gates = {gate_name(kind): torch.ones(state_shape(im, kind, batch, seq, per_dim=False), dtype=dtype,
-                                         device=im.z_scale.device, requires_grad=True) for kind in kinds}
-    probing = Probing(im, Spec(probes=kinds, rule=rule), gates)
-    with torch.enable_grad(), probing:
-        outputs = im(*args, **kwargs)
+    (outputs, gates, probing), lengths = _run_at_own_lengths(im, args, kwargs, kinds, rule, batch, lengths)
     value = target_fn(outputs)
     if value.dim() != 1 or value.shape[0] != batch:
         raise ShapeMismatchError(f"the target must be one scalar per example, shape [{batch}], got {list(value.shape)}")
@@ -112,26 +120,73 @@ def relevance(im, inputs, target, *, rule: str = "attnlrp", foil=None, position=
         if check:
             raise RelevanceLeakError(message)
         warnings.warn(message, RelevanceLeakWarning, stacklevel=2)
-    return Relevance(tokens=_component(grads, gates, probing, "tokens"),
-                     heads_per_position=_component(grads, gates, probing, "heads"),
-                     attn=_component(grads, gates, probing, "attn"), mlp=_component(grads, gates, probing, "mlp"),
-                     residual=_component(grads, gates, probing, "resid"), target=value.detach(), rule=rule,
+
+    def component(kind):
+        return _component(grads, gates, probing.touched.get(kind, set()), lengths.of(kind), kind)
+    return Relevance(tokens=component("tokens"), heads_per_position=component("heads"), attn=component("attn"),
+                     mlp=component("mlp"), residual=component("resid"), target=value.detach(), rule=rule,
                      leaks=probing.leaks)
 
 
-def _component(grads, gates, probing: Probing, kind: str) -> torch.Tensor | None:
-    """The gate gradient laid out [b, t] / [b, t, L] / [b, t, L, H]; NaN for layers where the
+def _run_at_own_lengths(im, args, kwargs, kinds, rule: str, batch: int, lengths: Lengths):
+    """`_gated_run` at `lengths`; when they were read off the tokens and a component read more
+    positions (its state's narrow failed), at the measured lengths — if they indeed differ."""
+    try:
+        return _gated_run(im, args, kwargs, kinds, rule, batch, lengths), lengths
+    except RuntimeError as error:
+        measured = None if not lengths.inferred or isinstance(error, AttnfxError) else \
+            remeasured(im, args, kwargs, kinds, lengths)
+        if measured is None:
+            raise
+    return _gated_run(im, args, kwargs, kinds, rule, batch, measured), measured
+
+
+def _gated_run(im, args, kwargs, kinds, rule: str, batch: int, lengths: Lengths):
+    """One forward with a gate of ones (requiring grad) on every component of `kinds`, sized for
+    the longest: (outputs, gates by state name, the probing session)."""
+    dtype = relevance_dtype(im.model)
+    gates = {gate_name(kind): torch.ones(state_shape(im, kind, batch, lengths.longest(kind), per_dim=False),
+                                         dtype=dtype, device=im.z_scale.device, requires_grad=True)
+             for kind in kinds}
+    probing = Probing(im, Spec(probes=kinds, rule=rule), gates)
+    with torch.enable_grad(), probing:
+        outputs = im(*args, **kwargs)
+    return outputs, gates, probing
+
+
+def _terms_and_lengths(im, args, kwargs, kinds, batch: int, target, foil, position) -> tuple[list | None, Lengths]:
+    """The target's terms and the lengths the components of `kinds` see. The terms are checked
+    before any run where the inputs give the main output's positions (token inputs), else once
+    the run that measures the lengths has read them (pixels, audio features)."""
+    def terms_at(seq: int) -> list | None:
+        return _target_terms(target, foil, position, batch, seq,
+                             last=lambda: output_last_positions(args, kwargs, seq, im.model.forward))
+    seq = output_length(args, kwargs)
+    terms = terms_at(seq) if seq is not None else None
+    if im._sites is None:
+        im._discover(args, kwargs)
+    lengths = sequence_lengths(im, args, kwargs, kinds)
+    if seq is not None:
+        return terms, lengths
+    if lengths.output is None and not callable(target):
+        raise InvalidArgumentError("a token target reads the main output ([batch, seq, n]: the output, its .logits "
+                                   "or .last_hidden_state) and these outputs hold none; pass a callable target")
+    return terms_at(lengths.output or 1), lengths
+
+
+def _component(grads, gates, found: set[int], lengths: dict[int, int], kind: str) -> torch.Tensor | None:
+    """The gate gradient laid out [b, t] / [b, t, L] / [b, t, L, H], each layer over its own
+    positions and NaN past them (t: the longest layer); NaN throughout for layers where the
     component's pattern was not found; None when it was found nowhere or not asked for."""
-    found = probing.touched.get(kind, set())
     if not found or kind not in grads:
         return None
     grad = grads[kind]
-    grad = torch.zeros_like(gates[gate_name(kind)]) if grad is None else grad.detach().clone()
+    grad = torch.zeros_like(gates[gate_name(kind)]) if grad is None else grad.detach()
     if kind == "tokens":
-        return grad
-    missing = [layer for layer in range(grad.shape[0]) if layer not in found]
-    grad[missing] = float("nan")
-    return grad.permute(1, 2, 0, 3) if kind == "heads" else grad.permute(1, 2, 0)
+        return grad.clone()
+    own = [grad[layer, :, :lengths[layer] if layer in found else 0] for layer in range(grad.shape[0])]
+    stacked = padded_stack(own, fill=float("nan"))                                  # [L, b, t(, H)]
+    return stacked.permute(1, 2, 0, 3) if kind == "heads" else stacked.permute(1, 2, 0)
 
 
 _TARGET_FORMS = (f"a token id or one per example ({INTEGER_FORMS}), a {{token: weight}} dict, a list of "
@@ -196,7 +251,7 @@ def _target_function(target, terms, batch: int, vocab: int | None) -> Callable:
         for what, ids, _, _ in terms:
             check_vocab(ids, vocab, what)
     metrics_ = [(metrics.logit(ids, at), weight) for _, ids, at, weight in terms]
-    return lambda out: sum(weight * metric(logits_of(out)) for metric, weight in metrics_)
+    return lambda out: sum(weight * metric(main_output(out)) for metric, weight in metrics_)
 
 
 def _as_batch(value, batch: int) -> torch.Tensor:

@@ -12,6 +12,9 @@ all as graph inputs (runtime state), all exact in the forward:
 Components: the token embedding, each layer's residual stream, attention output and MLP output
 (state [L, b, t], sources [L, b, t, d]), head outputs z, queries and keys (state [L, b, t, H],
 sources [L, b, t, H, d], as SDPA reads them: the steered z and q, the keys after any cache).
+
+A state is sized for the longest component (encoder and decoder layers differ) and the widest
+layer: each component reads exactly its first t positions (its own size at run time) and heads.
 """
 from __future__ import annotations
 
@@ -76,10 +79,9 @@ def _instrument(g, x: Node, kind: str, layer: int, spec: Spec, state, records) -
     users = list(x.users)
     dtype = example_value(x).dtype
     heads = kind in HEAD_KINDS
-    # head states are sized for the widest layer: this component reads its own heads and dims
-    fit = tuple(example_value(x).shape[i] for i in (1, 3)) if heads else None
     with g.inserting_before(x.next):
         y = x
+        fit = _fit(g, x, heads) if kind in spec.patches + spec.deltas + spec.probes else None
         if kind in spec.patches:
             weight = _layout(g, _pick(g, state[f"patch_w_{kind}"], layer, fit, per_dim=False), heads, per_dim=False)
             source = _layout(g, _pick(g, state[f"patch_src_{kind}"], layer, fit, per_dim=True), heads, per_dim=True)
@@ -165,15 +167,27 @@ def _at_positions(g, x: Node, positions: Node, heads: bool) -> Node:
     return call(g, "squeeze", call(g, torch.take_along_dim, x, index, 1), 1)
 
 
+def _fit(g, x: Node, heads: bool) -> tuple:
+    """The component's length (its size at run time: dynamic shapes) and, for head kinds, (H, d).
+    The size is read off a detached x, or the lrp plan would see the gate as a second activation."""
+    frozen = call(g, "detach", x)
+    if not heads:                                                            # x: [b, t, d]
+        return (call(g, "size", frozen, 1),)
+    shape = example_value(x).shape                                           # x: [b, H, t, d]
+    return call(g, "size", frozen, 2), shape[1], shape[3]
+
+
 def _pick(g, state: Node, layer: int, fit: tuple | None = None, *, per_dim: bool = False) -> Node:
-    """The layer's slice of a state [L, b, t(, H)(, d)]; for head kinds cut to the component's
-    (H, d) — a full slice unless layers differ in heads."""
-    if layer < 0:
-        return state
+    """The layer's slice of a state [L, b, t(, H)(, d)] ([b, t(, d)] for tokens, layer −1) cut to
+    `fit`: exactly its first t positions (narrow: a shorter state fails, never broadcasts a length
+    of 1) and for head kinds its first H heads (and d dims). No fit: the layer's entry alone."""
     if fit is None:
         return call(g, operator.getitem, state, layer)
-    index = (layer, slice(None), slice(None), slice(None, fit[0])) + ((slice(None, fit[1]),) if per_dim else ())
-    return call(g, operator.getitem, state, index)
+    length, *widths = fit
+    if layer >= 0:                                                      # tokens: no layer, no heads
+        heads = (slice(None, widths[0]),) + ((slice(None, widths[1]),) if per_dim else ()) if widths else ()
+        state = call(g, operator.getitem, state, (layer, slice(None), slice(None)) + heads)
+    return call(g, torch.narrow, state, 1, 0, length)
 
 
 def _layout(g, value: Node, heads: bool, per_dim: bool) -> Node:
