@@ -191,8 +191,10 @@ class _DisabledForward(PlainTransformer):
 
 
 def test_a_frame_dynamo_declines_is_never_reported_as_instrumented():
+    """A typed error either way: discovery finds no site in the frame it was given (torch ≥ 2.13),
+    or the call finds the frame ran without attnfx's graph (torch 2.11 runs it uncompiled)."""
     model = _DisabledForward(layers=1, heads=2, kv_heads=2)
-    with pytest.raises(NoAttentionFoundError, match="sdpa_call"):
+    with pytest.raises((NoAttentionFoundError, UninstrumentedExecutionError), match="sdpa_call|did not compile"):
         attnfx.instrument(model, example_inputs=torch.randint(1, 64, (1, 4)))
     assert "forward" not in model.__dict__
 

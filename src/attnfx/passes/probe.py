@@ -27,7 +27,7 @@ from ..blocks import Blocks
 from ..sites import AttentionSite, _arg, example_value, value_operand
 from ..spec import Spec, gate_name
 from ._build import call
-from .record import RecordKey
+from .record import RecordKey, head_output
 
 HEAD_KINDS = ("heads", "queries", "keys", "values")
 
@@ -36,7 +36,6 @@ def targets(sites, blocks: Blocks, steered: dict[int, Node]) -> dict[str, list[t
     """Each kind's node per layer. "heads" is what a head adds to the stream before W_O: the
     steered z, or on a gated site z ⊙ g per head (made here, once: W_O then reads it), so that
     patching a head there patches what W_O reads, not z under a gate recomputed from the input."""
-    from .record import head_output
     layers = [layer for layer, _ in sites]
     return {"tokens": [(-1, blocks.tokens)], "resid": list(zip(layers, blocks.resid_pre)),
             "queries": [(layer, _arg(site.q_user, 0, "query")) for layer, site in sites],
