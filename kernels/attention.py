@@ -16,6 +16,11 @@ Causal masking is aligned bottom-right (query t sees keys j ≤ t + S − T), wh
 KV-cache convention; for T == S it is the usual lower triangle. A boolean key mask [b, S]
 (True = attend) covers padding. Softmax runs in base 2 with fp32 statistics and accumulation
 whatever the input dtype.
+
+Every loop over blocks runs in two parts: the blocks that every row of the program sees whole
+(no bounds or causal mask, only the key mask) and the rest (the diagonal and the ragged end).
+Rows past the end of the sequence are never masked: they load zeros and are never stored.
+Absent extras are passed as None (no placeholder tensors); batch/head base offsets are int64.
 """
 from __future__ import annotations
 
@@ -34,24 +39,29 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
-def _visible(offs_m, offs_n, T, S, b, KEY_MASK, stride_mb, stride_ms, causal_offset,
-             CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr):
-    """[M, N] keys each query row may attend: in range, causal (bottom-right), not masked out."""
-    ok = (offs_m[:, None] < T) & (offs_n[None, :] < S)
-    if CAUSAL:
-        ok = ok & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
+def _visible(offs_m, offs_n, S, b, KEY_MASK, stride_mb, stride_ms, causal_offset,
+             BOUNDS: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr):
+    """[M, N] (or [1, N]) keys each query row may attend: not masked out, and with BOUNDS in
+    range and causal (bottom-right)."""
     if HAS_KEY_MASK:
-        keep = tl.load(KEY_MASK + b * stride_mb + offs_n * stride_ms, mask=offs_n < S, other=0)
-        ok = ok & (keep[None, :] != 0)
+        ok = tl.load(KEY_MASK + b * stride_mb + offs_n * stride_ms, mask=offs_n < S, other=0)[None, :] != 0
+    else:
+        ok = offs_n[None, :] < S
+    if BOUNDS and CAUSAL:
+        ok = ok & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
     return ok
 
 
 @triton.jit
 def _block(H, T, D, GROUP, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """What a program over (row block, batch·head) works on: b, h, its kv head, the block's row
-    and head-dim offsets and their in-range masks (rows: queries, or keys in the dK/dV pass)."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    """What a program over (row block, batch·head) works on: b, h (int64), its kv head, the
+    block's row and head-dim offsets and their in-range masks (rows: queries, or keys in the
+    dK/dV pass). The grid is 1-D (x allows 2³¹ − 1 programs; y and z only 65,535), row blocks
+    fastest, so the programs running together share one head's K/V in L2."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(T, BLOCK_M)
+    pid_m = pid % num_m
+    pid_bh = (pid // num_m).to(tl.int64)
     b = pid_bh // H
     h = pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -60,12 +70,65 @@ def _block(H, T, D, GROUP, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def _last_key(S, pid_m, causal_offset, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
-    """One past the last key a query block can see (causal blocks stop at their diagonal)."""
+def _key_range(S, pid_m, causal_offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """(whole, end): key blocks [0, whole) are visible to every row of query block pid_m and in
+    range; [whole, end) need the mask; keys from end on are hidden from all its rows."""
     end = S
+    last = S
     if CAUSAL:
         end = tl.minimum(S, (pid_m + 1) * BLOCK_M + causal_offset)
-    return end
+        last = tl.maximum(tl.minimum(S, pid_m * BLOCK_M + causal_offset + 1), 0)   # first row's keys
+    return last // BLOCK_N * BLOCK_N, end
+
+
+@triton.jit
+def _fwd_keys(acc, l_i, m_i, mass, q, k_base, v_base, lo, hi, offs_m, offs_d, d_ok, S, b, KEY_MASK, SPANS,
+              stride_ks, stride_kd, stride_vs, stride_vd, stride_mb, stride_ms, NUM_SPANS, causal_offset, qk_scale,
+              BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+              HAS_KEY_MASK: tl.constexpr, HAS_MASS: tl.constexpr, PRECISION: tl.constexpr):
+    """Online softmax over key blocks [lo, hi) (MASKED: bounds and causal mask applied)."""
+    if HAS_MASS:
+        offs_s = tl.arange(0, BLOCK_S)
+        span_lo = tl.load(SPANS + offs_s * 2, mask=offs_s < NUM_SPANS, other=0)
+        span_hi = tl.load(SPANS + offs_s * 2 + 1, mask=offs_s < NUM_SPANS, other=0)
+    for start in range(lo, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        col_ok = offs_n < S
+        k = tl.load(k_base + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd,
+                    mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+        s = tl.dot(q, k, input_precision=PRECISION) * qk_scale          # base-2 logits [M, N]
+        if MASKED or HAS_KEY_MASK:
+            visible = _visible(offs_m, offs_n, S, b, KEY_MASK, stride_mb, stride_ms, causal_offset,
+                               MASKED, CAUSAL, HAS_KEY_MASK)
+            s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)         # rows with nothing visible yet
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        p_in = p.to(v.dtype)
+        acc = tl.dot(p_in, v, acc * alpha[:, None], input_precision=PRECISION)
+        if HAS_MASS:
+            in_span = ((offs_n[:, None] >= span_lo[None, :]) & (offs_n[:, None] < span_hi[None, :])).to(v.dtype)
+            mass = _span_mass(mass * alpha[:, None], p, p_in, in_span, PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i, mass
+
+
+@triton.jit
+def _span_mass(mass, p, p_in, in_span, PRECISION: tl.constexpr):
+    """mass + p · in_span on the tensor cores in the input dtype: the 0/1 indicator is exact, and
+    p = hi + lo, both rounded to the input dtype, carries 2× its mantissa (bf16: p to 2⁻¹⁶), so
+    the sum stays fp32-accurate where a single 16-bit p would be off by up to 2⁻⁹ of the mass.
+    (An fp32 dot here was an FMA loop that spilled 500–570 B a thread at d 64 on sm_90.)"""
+    if p_in.dtype == tl.float32:
+        mass = tl.dot(p, in_span, mass, input_precision=PRECISION)
+    else:
+        mass = tl.dot(p_in, in_span, mass)
+        mass = tl.dot((p - p_in.to(tl.float32)).to(p_in.dtype), in_span, mass)
+    return mass
 
 
 @triton.jit
@@ -82,7 +145,7 @@ def _attention_fwd(
     BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_SCALE: tl.constexpr,
     HAS_READOUT: tl.constexpr, HAS_MASS: tl.constexpr, WRITE_O: tl.constexpr, WRITE_LSE: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, READOUT_PRECISION: tl.constexpr,
 ):
     pid_m, pid_bh, b, h, kv, offs_m, offs_d, row_ok, d_ok = _block(H, T, D, GROUP, BLOCK_M, BLOCK_D)
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
@@ -91,37 +154,18 @@ def _attention_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    if HAS_MASS:
-        offs_s = tl.arange(0, BLOCK_S)
-        span_lo = tl.load(SPANS + offs_s * 2, mask=offs_s < NUM_SPANS, other=0)
-        span_hi = tl.load(SPANS + offs_s * 2 + 1, mask=offs_s < NUM_SPANS, other=0)
-        mass = tl.zeros([BLOCK_M, BLOCK_S], tl.float32)
-
+    mass = tl.zeros([BLOCK_M, BLOCK_S], tl.float32)                   # unused (and dropped) without spans
     k_base = K + b * stride_kb + kv * stride_kh
     v_base = V + b * stride_vb + kv * stride_vh
-    end = _last_key(S, pid_m, causal_offset, BLOCK_M, CAUSAL)
-    for start in range(0, end, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        col_ok = offs_n < S
-        k = tl.load(k_base + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd,
-                    mask=col_ok[None, :] & d_ok[:, None], other=0.0)
-        s = tl.dot(q, k, input_precision=PRECISION) * qk_scale          # base-2 logits [M, N]
-        visible = _visible(offs_m, offs_n, T, S, b, KEY_MASK, stride_mb, stride_ms, causal_offset,
-                           CAUSAL, HAS_KEY_MASK)
-        s = tl.where(visible, s, float("-inf"))
-
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)         # rows with nothing visible yet
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
-                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        if HAS_MASS:
-            in_span = (offs_n[:, None] >= span_lo[None, :]) & (offs_n[:, None] < span_hi[None, :])
-            mass = mass * alpha[:, None] + tl.dot(p, in_span.to(tl.float32), input_precision="ieee")
-        m_i = m_new
+    whole, end = _key_range(S, pid_m, causal_offset, BLOCK_M, BLOCK_N, CAUSAL)
+    acc, l_i, m_i, mass = _fwd_keys(
+        acc, l_i, m_i, mass, q, k_base, v_base, 0, whole, offs_m, offs_d, d_ok, S, b, KEY_MASK, SPANS,
+        stride_ks, stride_kd, stride_vs, stride_vd, stride_mb, stride_ms, NUM_SPANS, causal_offset, qk_scale,
+        BLOCK_N, BLOCK_S, False, CAUSAL, HAS_KEY_MASK, HAS_MASS, PRECISION)
+    acc, l_i, m_i, mass = _fwd_keys(
+        acc, l_i, m_i, mass, q, k_base, v_base, whole, end, offs_m, offs_d, d_ok, S, b, KEY_MASK, SPANS,
+        stride_ks, stride_kd, stride_vs, stride_vd, stride_mb, stride_ms, NUM_SPANS, causal_offset, qk_scale,
+        BLOCK_N, BLOCK_S, True, CAUSAL, HAS_KEY_MASK, HAS_MASS, PRECISION)
 
     seen = l_i > 0.0                                                 # the row saw some key
     inv_l = tl.where(seen, 1.0 / tl.where(seen, l_i, 1.0), 0.0)
@@ -129,7 +173,7 @@ def _attention_fwd(
     if HAS_SCALE:
         z = z * tl.load(HEAD_SCALE + h).to(tl.float32)
 
-    row_t = b * T + offs_m                                           # row of [b·T] outputs
+    row_t = b * T + offs_m                                           # row of [b·T] outputs (int64)
     if WRITE_O:
         tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
                  z.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
@@ -140,10 +184,13 @@ def _attention_fwd(
         offs_k = tl.arange(0, BLOCK_K)
         u = tl.load(U + h * stride_uh + offs_d[:, None] * stride_ud + offs_k[None, :] * stride_uk,
                     mask=d_ok[:, None] & (offs_k[None, :] < NUM_DIRS), other=0.0).to(tl.float32)
-        r = tl.dot(z, u, input_precision="ieee")                      # [M, K]
+        # [M, K]; 16-bit inputs: three tf32 products (~fp32 accuracy) on the tensor cores, where
+        # an fp32 FMA loop spilled 750 B a thread at d 128 (sm_90)
+        r = tl.dot(z, u, input_precision=READOUT_PRECISION)
         tl.store(READOUT + (row_t[:, None] * H + h) * NUM_DIRS + offs_k[None, :], r,
                  mask=row_ok[:, None] & (offs_k[None, :] < NUM_DIRS))
     if HAS_MASS:
+        offs_s = tl.arange(0, BLOCK_S)
         frac = mass * inv_l[:, None]
         tl.store(MASS + (row_t[:, None] * H + h) * NUM_SPANS + offs_s[None, :], frac,
                  mask=row_ok[:, None] & (offs_s[None, :] < NUM_SPANS))
@@ -151,6 +198,45 @@ def _attention_fwd(
 
 def _pow2(n: int, floor: int = 16) -> int:
     return max(floor, triton.next_power_of_2(n))
+
+
+def _blocks(block_m: int, block_n: int, num_warps: int, num_stages: int) -> dict:
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
+
+
+# Interpreter: small blocks, one stage (the CPU tests stay fast). fp32 (and wider) inputs take the
+# FMA path (PRECISION "ieee") and d > 128 is untuned: both keep the blocks they always had.
+_INTERPRETER_BLOCKS = _blocks(32, 32, 4, 1)
+
+
+def _fwd_config(block_d: int, dtype: torch.dtype, has_mass: bool) -> dict:
+    """Block sizes and launch shape, chosen with tools/sm90_table.py (ptxas -v for sm_90) for no
+    spills, wgmma, and whole 64-row wgmma tiles per warpgroup: at 64 rows / 8 warps the two
+    warpgroups split the head dim of P·V and each computed the whole QKᵀ tile (d 128: 20 wgmma
+    a key block per warpgroup for the 12 needed). The span-mass extra's two more dots and its
+    [M, n] sums need more registers: 8 warps at d 64, 32-key blocks at d 128."""
+    if _INTERPRET:
+        return _INTERPRETER_BLOCKS
+    if dtype.itemsize > 2 or block_d > 128:
+        return _blocks(128, 64, 4, 3) if block_d <= 64 else _blocks(64, 64 if block_d <= 128 else 32, 8, 3)
+    if block_d <= 64:
+        return _blocks(128, 64, 8 if has_mass else 4, 3)
+    return _blocks(128, 32 if has_mass else 64, 8, 3)
+
+
+def _bwd_config(block_d: int, dtype: torch.dtype, causal: bool) -> tuple[dict, dict]:
+    """(dK/dV pass, dQ pass), as _fwd_config. The dK/dV pass keeps two [BLOCK_N, d] fp32 sums and
+    its key block's K, V in registers, so its query blocks are short; causal at d 128, its
+    second loop (the diagonal) costs the registers of a pipeline stage (8 B spilled, Triton 3.6).
+    At 32 × 32, d 128 fell back to mma.sync."""
+    if _INTERPRET:
+        return _INTERPRETER_BLOCKS, _INTERPRETER_BLOCKS
+    if dtype.itemsize > 2 or block_d > 128:
+        blocks = _blocks(64, 64, 4, 2) if block_d <= 64 else _blocks(32, 32, 8, 2)
+        return blocks, blocks
+    if block_d <= 64:
+        return _blocks(32, 128, 8, 2), _blocks(64, 64, 4, 2)
+    return _blocks(16, 128, 8, 1 if causal else 2), _blocks(128, 64, 8, 2)
 
 
 def _launcher(kernel, traceable: bool):
@@ -162,107 +248,162 @@ def _launcher(kernel, traceable: bool):
 def attention_fwd(q, k, v, *, causal: bool = False, key_mask=None, sm_scale: float | None = None,
                   head_scale=None, directions=None, spans=None, write_o: bool = True, write_lse: bool = True,
                   traceable: bool = False):
-    """q [b, H, T, d], k/v [b, Hkv, S, d] (H a multiple of Hkv). Returns a dict with "o"
-    [b, H, T, d] (input dtype), "lse" [b, H, T], "readout" [b, T, H, K], "mass" [b, T, H, n]
-    (fp32), each present only when asked for. `directions` [H, d, K]; `spans` [n, 2] int
-    (start, end) key ranges; `key_mask` [b, S] bool; `head_scale` [H]. traceable=True launches
-    through torch.library.wrap_triton (inside a triton_op)."""
+    """q [b, H, T, d], k/v [b, Hkv, S, d] (H a multiple of Hkv; any strides). Returns a dict with
+    "o" [b, H, T, d] (input dtype, contiguous), "lse" [b, H, T], "readout" [b, T, H, K], "mass"
+    [b, T, H, n] (fp32), each present only when asked for. `directions` [H, d, K]; `spans` [n, 2]
+    int (start, end) key ranges; `key_mask` [b, S] bool; `head_scale` [H]. traceable=True
+    launches through torch.library.wrap_triton (inside a triton_op)."""
     b, H, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     if H % Hkv:
         raise ShapeMismatchError(f"query heads ({H}) must be a multiple of kv heads ({Hkv})")
     sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
     dev, f32 = q.device, torch.float32
-    out = {}
-    o = q.new_empty(q.shape) if write_o else q.new_empty(1)               # contiguous whatever q is
-    lse = torch.empty(b, H, T, device=dev, dtype=f32) if write_lse else q.new_empty(1, dtype=f32)
     num_dirs = 0 if directions is None else directions.shape[-1]
-    readout = torch.empty(b, T, H, num_dirs, device=dev, dtype=f32) if num_dirs else q.new_empty(1, dtype=f32)
     num_spans = 0 if spans is None else spans.shape[0]
-    spans_i = spans.to(device=dev, dtype=torch.int32).contiguous() if num_spans else q.new_zeros(2, dtype=torch.int32)
-    mass = torch.empty(b, T, H, num_spans, device=dev, dtype=f32) if num_spans else q.new_empty(1, dtype=f32)
-    mask_i = key_mask.to(device=dev, dtype=torch.int8) if key_mask is not None else q.new_zeros(1, 1, dtype=torch.int8)
-    u = directions if num_dirs else q.new_zeros(1, 1, 1)
-    scale = head_scale if head_scale is not None else q.new_ones(1)
+    out = {}
+    if write_o:
+        out["o"] = q.new_empty(q.shape)                                    # contiguous whatever q is
+    if write_lse:
+        out["lse"] = torch.empty(b, H, T, device=dev, dtype=f32)
+    if num_dirs:
+        out["readout"] = torch.empty(b, T, H, num_dirs, device=dev, dtype=f32)
+    if num_spans:
+        out["mass"] = torch.empty(b, T, H, num_spans, device=dev, dtype=f32)
+    spans_i = spans.to(device=dev, dtype=torch.int32).contiguous() if num_spans else None
+    mask_i = key_mask.to(device=dev, dtype=torch.int8) if key_mask is not None else None
     block_d = _pow2(D)
-    block_m, block_n = (32, 32) if _INTERPRET else ((128, 64) if block_d <= 64 else (64, 64))
-    if not _INTERPRET and block_d > 128:
-        block_m, block_n = 64, 32
-    grid = (triton.cdiv(T, block_m), b * H)
+    config = _fwd_config(block_d, q.dtype, num_spans > 0)
+    grid = (triton.cdiv(T, config["BLOCK_M"]) * b * H,)
     _launcher(_attention_fwd, traceable)[grid](
-        q, k, v, o, lse, mask_i, scale, u, readout, spans_i, mass,
-        *q.stride(), *k.stride(), *v.stride(), *(o.stride() if write_o else (0, 0, 0, 0)),
-        *(mask_i.stride() if key_mask is not None else (0, 0)),
-        *(u.stride() if num_dirs else (0, 0, 0)),
+        q, k, v, out.get("o"), out.get("lse"), mask_i, head_scale, directions if num_dirs else None,
+        out.get("readout"), spans_i, out.get("mass"),
+        *q.stride(), *k.stride(), *v.stride(), *(out["o"].stride() if write_o else (0, 0, 0, 0)),
+        *(mask_i.stride() if mask_i is not None else (0, 0)),
+        *(directions.stride() if num_dirs else (0, 0, 0)),
         H, T, S, D, H // Hkv, num_dirs, num_spans, S - T, sm_scale * LOG2E,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_K=_pow2(max(num_dirs, 1)),
+        BLOCK_D=block_d, BLOCK_K=_pow2(max(num_dirs, 1)),
         BLOCK_S=_pow2(max(num_spans, 1)), CAUSAL=causal, HAS_KEY_MASK=key_mask is not None,
         HAS_SCALE=head_scale is not None, HAS_READOUT=num_dirs > 0, HAS_MASS=num_spans > 0,
         WRITE_O=write_o, WRITE_LSE=write_lse, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=4 if block_d <= 64 else 8, num_stages=1 if _INTERPRET else 3,
+        READOUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32x3", **config,
     )
-    if write_o:
-        out["o"] = o
-    if write_lse:
-        out["lse"] = lse
-    if num_dirs:
-        out["readout"] = readout
-    if num_spans:
-        out["mass"] = mass
     return out
 
 
 # ---- backward ------------------------------------------------------------------------------------
 @triton.jit
+def _dkdv_queries(dk, dv, k, v, q_base, do_base, lse_base, delta_base, lo, hi, offs_n, offs_d, d_ok, T, S,
+                  stride_qt, stride_qd, stride_ot, stride_od, causal_offset, sm_scale,
+                  BLOCK_M: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
+    """dK, dV of one key block from query blocks [lo, hi) of one head (MASKED: causal mask).
+    Rows past T load lse = +inf (p = 0); keys past S are never stored; the key mask is applied
+    to the sums at the end (a masked key's p is 0 in every row)."""
+    for start in range(lo, hi, BLOCK_M):
+        offs_m = start + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < T
+        q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
+                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
+        lse = tl.where(lse == float("-inf"), float("inf"), lse)        # rows that saw no key: p = 0
+        delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+        # transposed (keys × queries), so every dot has the key block's BLOCK_N rows and p, ds
+        # are already the left operands of dv, dk: no transpose of p through shared memory
+        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * sm_scale
+        p_t = tl.exp(s_t - lse[None, :])                              # [N, M]
+        if MASKED:
+            p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_offset, p_t, 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
 def _attention_bwd_dkdv(
     Q, K, V, DO, LSE, DELTA, DK, DV, KEY_MASK,
     stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_ob, stride_oh, stride_ot, stride_od,
     stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_gb, stride_gh, stride_gs, stride_gd,
     stride_mb, stride_ms,
     H, HKV, T, S, D, GROUP, causal_offset, sm_scale, k_grad_scale, v_grad_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dK, dV of one key block of one kv head: sums over the queries of every head in its group.
-    q/do/dq share strides (contiguous [b, H, T, d]); k/v/dk/dv share theirs ([b, Hkv, S, d])."""
+    q/do of any strides; dk, dv share theirs (stride_g*)."""
     pid_n, _, b, kv, _, offs_n, offs_d, col_ok, d_ok = _block(HKV, S, D, 1, BLOCK_N, BLOCK_D)
-    kv_off = b * stride_kb + kv * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd
-    k = tl.load(K + kv_off, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-    v = tl.load(V + kv_off, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+    kv_mask = col_ok[:, None] & d_ok[None, :]
+    k = tl.load(K + b * stride_kb + kv * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd,
+                mask=kv_mask, other=0.0)
+    v = tl.load(V + b * stride_vb + kv * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+                mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     first = 0
+    whole = 0                       # query blocks from `whole` on see every key of this block
     if CAUSAL:
         first = tl.maximum(pid_n * BLOCK_N - causal_offset, 0) // BLOCK_M * BLOCK_M
+        whole = tl.minimum(tl.cdiv(tl.maximum(pid_n * BLOCK_N + BLOCK_N - 1 - causal_offset, 0), BLOCK_M) * BLOCK_M, T)
     for g in range(GROUP):
         h = kv * GROUP + g
-        for start in range(first, T, BLOCK_M):
-            offs_m = start + tl.arange(0, BLOCK_M)
-            row_ok = offs_m < T
-            q_off = b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd
-            q = tl.load(Q + q_off, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            do = tl.load(DO + q_off, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            lse = tl.load(LSE + (b * H + h) * T + offs_m, mask=row_ok, other=float("inf"))
-            lse = tl.where(lse == float("-inf"), float("inf"), lse)        # rows that saw no key: p = 0
-            delta = tl.load(DELTA + (b * H + h) * T + offs_m, mask=row_ok, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale
-            ok = _visible(offs_m, offs_n, T, S, b, KEY_MASK, stride_mb, stride_ms, causal_offset,
-                          CAUSAL, HAS_KEY_MASK)
-            p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)                # [M, N]
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            ds = p * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
-    tl.store(DK + kv_off, (dk * (sm_scale * k_grad_scale)).to(DK.dtype.element_ty),
-             mask=col_ok[:, None] & d_ok[None, :])
-    tl.store(DV + kv_off, (dv * v_grad_scale).to(DV.dtype.element_ty), mask=col_ok[:, None] & d_ok[None, :])
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DO + b * stride_ob + h * stride_oh
+        row_base = (b * H + h) * T
+        if CAUSAL:
+            dk, dv = _dkdv_queries(dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base, first, whole,
+                                   offs_n, offs_d, d_ok, T, S, stride_qt, stride_qd, stride_ot, stride_od,
+                                   causal_offset, sm_scale, BLOCK_M, True, PRECISION)
+        dk, dv = _dkdv_queries(dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base, whole, T,
+                               offs_n, offs_d, d_ok, T, S, stride_qt, stride_qd, stride_ot, stride_od,
+                               causal_offset, sm_scale, BLOCK_M, False, PRECISION)
+    if HAS_KEY_MASK:
+        keep = tl.load(KEY_MASK + b * stride_mb + offs_n * stride_ms, mask=col_ok, other=0)[:, None] != 0
+        dk = tl.where(keep, dk, 0.0)
+        dv = tl.where(keep, dv, 0.0)
+    g_off = b * stride_gb + kv * stride_gh + offs_n[:, None] * stride_gs + offs_d[None, :] * stride_gd
+    tl.store(DK + g_off, (dk * (sm_scale * k_grad_scale)).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + g_off, (dv * v_grad_scale).to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _dq_keys(dq, q, do, lse, delta, k_base, v_base, lo, hi, offs_m, offs_d, d_ok, S, b, KEY_MASK,
+             stride_ks, stride_kd, stride_vs, stride_vd, stride_mb, stride_ms, causal_offset, sm_scale,
+             BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
+             PRECISION: tl.constexpr):
+    """dQ of one query block from key blocks [lo, hi) (MASKED: bounds and causal mask)."""
+    for start in range(lo, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        col_ok = offs_n < S
+        k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd,
+                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale
+        p = tl.exp(s - lse[:, None])
+        if MASKED or HAS_KEY_MASK:
+            visible = _visible(offs_m, offs_n, S, b, KEY_MASK, stride_mb, stride_ms, causal_offset,
+                               MASKED, CAUSAL, HAS_KEY_MASK)
+            p = tl.where(visible, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    return dq
 
 
 @triton.jit
 def _attention_bwd_dq(
     Q, K, V, DO, LSE, DELTA, DQ, KEY_MASK,
     stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_ob, stride_oh, stride_ot, stride_od,
+    stride_gb, stride_gh, stride_gt, stride_gd,
     stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
     stride_mb, stride_ms,
     H, T, S, D, GROUP, causal_offset, sm_scale, q_grad_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -270,29 +411,26 @@ def _attention_bwd_dq(
 ):
     """dQ of one query block of one head (a second pass: no atomics, deterministic)."""
     pid_m, pid_bh, b, h, kv, offs_m, offs_d, row_ok, d_ok = _block(H, T, D, GROUP, BLOCK_M, BLOCK_D)
-    q_off = b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd
-    q = tl.load(Q + q_off, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    do = tl.load(DO + q_off, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q_mask = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+                mask=q_mask, other=0.0)
+    do = tl.load(DO + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
+                 mask=q_mask, other=0.0)
     lse = tl.load(LSE + pid_bh * T + offs_m, mask=row_ok, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
     delta = tl.load(DELTA + pid_bh * T + offs_m, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    end = _last_key(S, pid_m, causal_offset, BLOCK_M, CAUSAL)
-    for start in range(0, end, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        col_ok = offs_n < S
-        kv_off = b * stride_kb + kv * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd
-        k = tl.load(K + kv_off, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(V + kv_off, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale
-        ok = _visible(offs_m, offs_n, T, S, b, KEY_MASK, stride_mb, stride_ms, causal_offset,
-                      CAUSAL, HAS_KEY_MASK)
-        p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-    tl.store(DQ + q_off, (dq * (sm_scale * q_grad_scale)).to(DQ.dtype.element_ty),
-             mask=row_ok[:, None] & d_ok[None, :])
+    k_base = K + b * stride_kb + kv * stride_kh
+    v_base = V + b * stride_vb + kv * stride_vh
+    whole, end = _key_range(S, pid_m, causal_offset, BLOCK_M, BLOCK_N, CAUSAL)
+    dq = _dq_keys(dq, q, do, lse, delta, k_base, v_base, 0, whole, offs_m, offs_d, d_ok, S, b, KEY_MASK,
+                  stride_ks, stride_kd, stride_vs, stride_vd, stride_mb, stride_ms, causal_offset, sm_scale,
+                  BLOCK_N, False, CAUSAL, HAS_KEY_MASK, PRECISION)
+    dq = _dq_keys(dq, q, do, lse, delta, k_base, v_base, whole, end, offs_m, offs_d, d_ok, S, b, KEY_MASK,
+                  stride_ks, stride_kd, stride_vs, stride_vd, stride_mb, stride_ms, causal_offset, sm_scale,
+                  BLOCK_N, True, CAUSAL, HAS_KEY_MASK, PRECISION)
+    tl.store(DQ + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gt + offs_d[None, :] * stride_gd,
+             (dq * (sm_scale * q_grad_scale)).to(DQ.dtype.element_ty), mask=q_mask)
 
 
 # AttnLRP (DESIGN §3): uniform rule on QKᵀ and on AV → grad q, k × ¼ and grad v × ½.
@@ -305,26 +443,26 @@ def attention_bwd(do, q, k, v, o, lse, *, causal: bool = False, key_mask=None, s
     at that o) → (dq, dk, dv, relevance), relevance [b, H, T] = Σ_d do ⊙ o per row (the rowsum
     the flash backward needs anyway; with lrp=True it is each head's AttnLRP relevance). lrp=True
     also scales dq, dk by ¼ and dv by ½. `delta` overrides the rowsum (a caller whose output was
-    scaled after the kernel passes Σ grad ⊙ output, which is the same number)."""
+    scaled after the kernel passes Σ grad ⊙ output, which is the same number). q, k, v, do of any
+    strides (read in place); dq, dk, dv come back contiguous."""
     b, H, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
-    q, k, v, do = (t.contiguous() for t in (q, k, v, do))
     relevance = (do.float() * o.float()).sum(-1) if delta is None else delta.float().contiguous()   # [b, H, T]
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    mask_i = key_mask.to(device=q.device, dtype=torch.int8) if key_mask is not None else q.new_zeros(1, 1, dtype=torch.int8)
+    dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    mask_i = key_mask.to(device=q.device, dtype=torch.int8) if key_mask is not None else None
     mask_strides = mask_i.stride() if key_mask is not None else (0, 0)
     block_d = _pow2(D)
-    block = 32 if _INTERPRET else (64 if block_d <= 64 else 32)
+    dkdv_config, dq_config = _bwd_config(block_d, q.dtype, causal)
     scales = LRP_GRAD_SCALES if lrp else {"q": 1.0, "k": 1.0, "v": 1.0}
-    common = dict(BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, CAUSAL=causal, HAS_KEY_MASK=key_mask is not None,
-                  PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-                  num_warps=4 if block_d <= 64 else 8, num_stages=1 if _INTERPRET else 2)
+    common = dict(BLOCK_D=block_d, CAUSAL=causal, HAS_KEY_MASK=key_mask is not None,
+                  PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
     lse = lse.contiguous()
-    _launcher(_attention_bwd_dkdv, traceable)[(triton.cdiv(S, block), b * Hkv)](
-        q, k, v, do, lse, relevance, dk, dv, mask_i, *q.stride(), *k.stride(), *mask_strides,
-        H, Hkv, T, S, D, H // Hkv, S - T, sm_scale, scales["k"], scales["v"], **common)
-    _launcher(_attention_bwd_dq, traceable)[(triton.cdiv(T, block), b * H)](
-        q, k, v, do, lse, relevance, dq, mask_i, *q.stride(), *k.stride(), *mask_strides,
-        H, T, S, D, H // Hkv, S - T, sm_scale, scales["q"], **common)
+    _launcher(_attention_bwd_dkdv, traceable)[(triton.cdiv(S, dkdv_config["BLOCK_N"]) * b * Hkv,)](
+        q, k, v, do, lse, relevance, dk, dv, mask_i, *q.stride(), *do.stride(), *k.stride(), *v.stride(),
+        *dk.stride(), *mask_strides, H, Hkv, T, S, D, H // Hkv, S - T, sm_scale, scales["k"], scales["v"],
+        **common, **dkdv_config)
+    _launcher(_attention_bwd_dq, traceable)[(triton.cdiv(T, dq_config["BLOCK_M"]) * b * H,)](
+        q, k, v, do, lse, relevance, dq, mask_i, *q.stride(), *do.stride(), *dq.stride(), *k.stride(),
+        *v.stride(), *mask_strides, H, T, S, D, H // Hkv, S - T, sm_scale, scales["q"], **common, **dq_config)
     return dq, dk, dv, relevance

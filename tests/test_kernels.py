@@ -116,7 +116,78 @@ def test_backward_matches_the_reference(c, lrp):
     fwd = attention_fwd(q, k, v, **kw)
     do = torch.randn_like(fwd["o"])
     got = attention_bwd(do, q, k, v, fwd["o"], fwd["lse"], lrp=lrp, **kw)
-    (dq, dk, dv), relevance = _reference_grads(q, k, v, do, kw, lrp)
+    (dq, dk, dv), _ = _reference_grads(q, k, v, do, kw, lrp)
     tol = TOL[c["dtype"]]
-    for name, g, w in zip(("dq", "dk", "dv", "relevance"), got, (dq, dk, dv, relevance)):
+    for name, g, w in zip(("dq", "dk", "dv"), got, (dq, dk, dv)):
         torch.testing.assert_close(g.float(), w, rtol=tol, atol=tol, msg=name)
+    # relevance is Σ_d do ⊙ o of the o it is given (the kernel's, rounded to fp16): against the
+    # fp32 reference's o, a sum over d of that rounding exceeds the fp16 tolerance now and then
+    rowsum = (do.float() * fwd["o"].float()).sum(-1)
+    torch.testing.assert_close(got[3].float(), rowsum, rtol=TOL[torch.float32], atol=TOL[torch.float32])
+
+
+@pytest.fixture
+def cuda_blocks(monkeypatch):
+    """The blocks and loop splits of a CUDA launch on 16-bit inputs (BLOCK_M ≠ BLOCK_N, 16 to
+    128 rows), run here in the interpreter, whose own blocks are 32 × 32."""
+    import attnfx.kernels.attention as attention
+
+    fwd_config, bwd_config = attention._fwd_config, attention._bwd_config
+
+    def fwd_16bit(block_d, dtype, has_mass):
+        return fwd_config(block_d, torch.bfloat16, has_mass)
+
+    def bwd_16bit(block_d, dtype, causal):
+        return bwd_config(block_d, torch.bfloat16, causal)
+
+    monkeypatch.setattr(attention, "_INTERPRET", False)
+    monkeypatch.setattr(attention, "_fwd_config", fwd_16bit)
+    monkeypatch.setattr(attention, "_bwd_config", bwd_16bit)
+
+
+@pytest.mark.parametrize("T, S, padded", [(150, 173, True), (173, 150, False)])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("d", [64, 128])
+def test_cuda_block_shapes_match_the_reference(cuda_blocks, d, causal, T, S, padded):
+    """In fp32 (on the 16-bit blocks), so that a wrong mask or loop bound shows well above the
+    tolerance. Without a key mask, the blocks seen whole are not masked at all."""
+    c = dict(batch=2, kv_heads=2, heads=4, T=T, S=S, d=d, causal=causal, padded=padded, K=3, spans=3,
+             dtype=torch.float32)
+    (q, k, v), kw = _inputs(c)
+    _check(attention_fwd(q, k, v, **kw), reference.attention(q, k, v, **kw), torch.float32)
+    kw = {n: kw[n] for n in ("causal", "key_mask")}
+    fwd = attention_fwd(q, k, v, **kw)
+    do = torch.randn_like(fwd["o"])
+    got = attention_bwd(do, q, k, v, fwd["o"], fwd["lse"], **kw)
+    (dq, dk, dv), relevance = _reference_grads(q, k, v, do, kw, lrp=False)
+    for name, g, w in zip(("dq", "dk", "dv", "relevance"), got, (dq, dk, dv, relevance)):
+        torch.testing.assert_close(g.float(), w, rtol=TOL[torch.float32], atol=TOL[torch.float32], msg=name)
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_span_mass_is_fp32_accurate_in_half_precision(cuda_blocks, d):
+    """The mass runs on the tensor cores in the input dtype, p split into two fp16 parts: it
+    matches the fp32 reference to fp32's tolerance (one fp16 rounding of p is off by up to 2⁻¹²)."""
+    c = dict(batch=1, kv_heads=1, heads=2, T=130, S=130, d=d, causal=True, padded=True, K=1, spans=3,
+             dtype=torch.float16)
+    (q, k, v), kw = _inputs(c)
+    got = attention_fwd(q, k, v, causal=True, key_mask=kw["key_mask"], spans=kw["spans"])
+    want = reference.attention(q, k, v, causal=True, key_mask=kw["key_mask"], spans=kw["spans"])
+    torch.testing.assert_close(got["mass"], want["mass"], rtol=TOL[torch.float32], atol=TOL[torch.float32])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_strided_inputs_are_read_in_place(causal):
+    """q, k, v, do as HF hands them ([b, T, H, d] memory seen as [b, H, T, d]): the same numbers
+    as from contiguous copies, and contiguous outputs."""
+    b, T, H, Hkv, d = 2, 45, 4, 2, 32
+    q, do = (torch.randn(b, T, H, d, device=DEVICE).transpose(1, 2) for _ in range(2))
+    k, v = (torch.randn(b, T, Hkv, d, device=DEVICE).transpose(1, 2) for _ in range(2))
+    fwd = attention_fwd(q, k, v, causal=causal)
+    want_fwd = attention_fwd(q.contiguous(), k.contiguous(), v.contiguous(), causal=causal)
+    got = attention_bwd(do, q, k, v, fwd["o"], fwd["lse"], causal=causal)
+    want = attention_bwd(do.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), fwd["o"], fwd["lse"],
+                         causal=causal)
+    assert torch.equal(fwd["o"], want_fwd["o"]) and torch.equal(fwd["lse"], want_fwd["lse"])
+    for g, w in zip(got, want):
+        assert g.is_contiguous() and torch.equal(g, w)
