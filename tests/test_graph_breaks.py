@@ -13,6 +13,7 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 import attnfx
+from attnfx import api as _api
 import zoo
 from _tol import assert_close
 from attnfx.errors import UninstrumentedExecutionError
@@ -182,6 +183,8 @@ def test_aot_eager_after_a_graph_break_steers_and_passes_gradients():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+@pytest.mark.skipif(not _api._ISOLATES_RECOMPILES,
+                    reason="dynamo regions with their own recompile budget need torch >= 2.13")
 def test_models_sharing_a_breaking_frame_keep_their_own_recompile_budget():
     """Nine models of one class but other widths: dynamo compiles the frame after the break once
     per width. Counted together they pass its recompile limit (8), past which dynamo would run
@@ -243,6 +246,8 @@ def test_dbrx_without_cache_one_layer_graph_serves_both_layers():
 
 
 # ---- HF: the flex interface builds its padding mask with a data-dependent branch -----------------
+@pytest.mark.skipif(not _api._ISOLATES_RECOMPILES, reason="known gap: HF flex_attention on torch 2.11 finds a third "
+                    "site frame (issue 13 closing note); supported from torch 2.13")
 def test_llama_flex_attention_after_the_mask_break_is_exact_recorded_and_compiles_once():
     """Both layers run in the graph resumed after the mask; the bare model runs flex attention
     through torch.compile, which the eager backend replays (capture/flex_kernel.py): bit for bit."""
