@@ -16,6 +16,7 @@ from torch import nn
 import attnfx
 import zoo
 from _tol import assert_close
+from test_analysis_inputs import _Runs
 from attnfx import calls, metrics, patching
 from attnfx.errors import InvalidArgumentError, ShapeMismatchError
 from attnfx.indices import padded_stack
@@ -61,25 +62,6 @@ def _main(out):
 
 def _last_three(out):
     return _main(out)[:, -1, :3].sum(-1)
-
-
-class _Runs:
-    """Counts the instrumented model's forward calls."""
-
-    def __init__(self, im):
-        self.im, self.count = im, 0
-
-    def __enter__(self):
-        original = type(self.im)._call
-
-        def counted(args, kwargs):
-            self.count += 1
-            return original(self.im, args, kwargs)
-        self.im._call = counted
-        return self
-
-    def __exit__(self, *exc):
-        del self.im._call
 
 
 # ---- relevance ------------------------------------------------------------------------------------
