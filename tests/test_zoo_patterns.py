@@ -342,3 +342,40 @@ def test_encoder_decoder_generate_steers_the_encoder_too(name, impl):
     assert torch.equal(steered.sequences, hooked.sequences)
     assert_close(torch.stack(steered.scores), torch.stack(hooked.scores))
     assert not torch.allclose(torch.stack(steered.scores), torch.stack(plain.scores))    # the ablation acts
+
+
+def test_a_block_that_flattens_its_tokens_is_captured_and_patched_as_b_t_d():
+    """OPT runs its MLP on [b·t, d]: the MLP output and the next layer's residual stream are such
+    nodes. Captured, they equal hooks (viewed as [b, t, d]); patching the MLP of one layer with the
+    corrupt run's equals a hook writing the corrupt fc2 output in."""
+    config = T.OPTConfig(vocab_size=VOCAB, hidden_size=HEADS * HEAD_DIM, num_hidden_layers=2, ffn_dim=64,
+                         num_attention_heads=HEADS, word_embed_proj_dim=HEADS * HEAD_DIM, pad_token_id=1)
+    model = T.OPTForCausalLM(config).eval()
+    clean, corrupt = torch.randint(2, VOCAB, (2, 6)), torch.randint(2, VOCAB, (2, 6))
+    fc2 = [layer.fc2 for layer in model.model.decoder.layers]
+
+    def outputs_of(ids):
+        seen = []
+        handles = [m.register_forward_hook(lambda mod, args, out: seen.append(out.detach())) for m in fc2]
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits
+        for handle in handles:
+            handle.remove()
+        return logits, [out.view(2, 6, -1) for out in seen]
+
+    im = attnfx.instrument(model, backend="eager")
+    logits, captured = attnfx.patching.capture(im, {"input_ids": clean}, ("mlp", "resid"))
+    want_logits, want_mlp = outputs_of(clean)
+    assert torch.equal(logits, want_logits)
+    assert torch.equal(captured["mlp"], torch.stack(want_mlp))
+    assert captured["resid"].shape == (2, 2, 6, HEADS * HEAD_DIM)
+
+    _, corrupt_mlp = outputs_of(corrupt)
+    handle = fc2[1].register_forward_hook(lambda mod, args, out: corrupt_mlp[1].reshape_as(out))
+    with torch.no_grad():
+        want = model(input_ids=clean).logits[:, -1, 5]
+    handle.remove()
+    result = attnfx.patching.activation_patching(im, {"input_ids": clean}, {"input_ids": corrupt},
+                                                 lambda logits: logits[:, -1, 5], components="mlp", progress=False)
+    assert result.scores.shape == (2,)
+    assert_close(result.scores[1], (want - want_logits[:, -1, 5]).mean())

@@ -58,17 +58,26 @@ def projection_input(node: Node) -> Node | None:
     return None
 
 
-def _as_stream(node: Node | None, d_model: int | None) -> Node | None:
-    """The projection's output as [b, t, d_model]: the node itself or its first 3-D view."""
+def _as_stream(node: Node | None, d_model: int | None, flat: bool = False) -> Node | None:
+    """The projection's output as [b, t, d_model]: the node itself or its first 3-D view; with
+    `flat`, a branch the residual stream adds, also the [b·t, d_model] node of a block that
+    flattens its tokens (OPT's MLP: the probe pass views it back as [b, t, d_model])."""
+    start = node
     for _ in range(4):
         shape = _shape(node) if node is not None else None
         if shape is not None and len(shape) == 3 and (d_model is None or shape[-1] == d_model):
             return node
         users = _value_users(node) if node is not None else []
         if len(users) != 1 or not _is_view_like(users[0]):
-            return None
+            break
         node = users[0]
-    return None
+    return start if flat and is_flat_stream(start, d_model) else None
+
+
+def is_flat_stream(node: Node | None, d_model: int | None) -> bool:
+    """A [b·t, d_model] tensor: the residual stream with its tokens flattened."""
+    shape = _shape(node) if isinstance(node, Node) else None
+    return shape is not None and len(shape) == 2 and d_model is not None and shape[-1] == d_model
 
 
 def _value_users(node: Node) -> list[Node]:
@@ -206,7 +215,7 @@ def find_blocks(graph: Graph, sites: list[AttentionSite], user_inputs: set[Node]
         # expert), not the first expert projection the activation search finds inside it.
         alone = sum(other[1] == leaf[1] for other in branches) == 1
         if alone and (mlp_out[leaf[1]] is None or _through(mlp_out[leaf[1]]) is not _through(leaf[2])):
-            mlp_out[leaf[1]] = _as_stream(leaf[2], d_model)
+            mlp_out[leaf[1]] = _as_stream(leaf[2], d_model, flat=True)
     return Blocks(_token_node(graph, user_inputs), resid_pre, attn_out, mlp_out, stream)
 
 

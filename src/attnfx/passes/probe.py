@@ -23,7 +23,8 @@ import operator
 import torch
 from torch.fx import GraphModule, Node
 
-from ..blocks import Blocks
+from ..blocks import Blocks, is_flat_stream
+from ..errors import UnsupportedModelError
 from ..sites import AttentionSite, _arg, example_value, value_operand
 from ..spec import Spec, gate_name
 from ._build import call
@@ -67,18 +68,44 @@ def apply(gm: GraphModule, sites: list[tuple[int, AttentionSite]], blocks: Block
             while latest.get(node, node) is not node:   # probed before (tokens = resid 0); a capture
                 node = latest[node]                     # alone leaves the node itself (cross-attention's
                                                         # resid: one encoder output for every layer)
-            latest[node] = _instrument(g, node, kind, layer, spec, state, records)
+            tokens = _tokens_shape(g, node, blocks) if kind not in HEAD_KINDS else None
+            latest[node] = _instrument(g, node, kind, layer, spec, state, records, tokens)
             touched[kind].append(layer)
     if "scores" in spec.captures:
         _capture_scores(g, sites, records)
     return touched, records
 
 
-def _instrument(g, x: Node, kind: str, layer: int, spec: Spec, state, records) -> Node:
+def _tokens_shape(g, x: Node, blocks: Blocks) -> Node | None:
+    """For a component computed with its tokens flattened ([b·t, d]: is_flat_stream), the [b, t]
+    it views back to, read at run time off the last [b, t, d] component before it; else None."""
+    d_model = example_value(x).shape[-1]
+    if not is_flat_stream(x, d_model):
+        return None
+    before = set()
+    for node in g.nodes:
+        if node is x:
+            break
+        before.add(node)
+    streams = [n for n in [blocks.tokens, *blocks.resid_pre, *blocks.attn_out, *blocks.mlp_out]
+               if n in before and not is_flat_stream(n, d_model) and len(example_value(n).shape) == 3]
+    if not streams:
+        raise UnsupportedModelError(f"a [b·t, d] residual-stream component ({x.name}) with no [b, t, d] "
+                                    "component before it to read b and t from")
+    order = {node: i for i, node in enumerate(g.nodes)}
+    return max(streams, key=order.__getitem__)
+
+
+def _instrument(g, x: Node, kind: str, layer: int, spec: Spec, state, records, tokens: Node | None = None) -> Node:
+    """Instrument x. `tokens`: a [b, t, d] node whose b and t a flattened x ([b·t, d]) is viewed
+    back to, so that every kind's state and records keep their [b, t, ...] layout."""
     users = list(x.users)
     dtype = example_value(x).dtype
     heads = kind in HEAD_KINDS
     with g.inserting_before(x.next):
+        flat = x
+        if tokens is not None:
+            x = call(g, "view", flat, call(g, "size", tokens, 0), call(g, "size", tokens, 1), -1)
         y = x
         fit = _fit(g, x, heads) if kind in spec.patches + spec.deltas + spec.probes else None
         if kind in spec.patches:
@@ -103,10 +130,13 @@ def _instrument(g, x: Node, kind: str, layer: int, spec: Spec, state, records) -
             frozen = call(g, "detach", y)
             keep = call(g, "to", _pick(g, state["grad_keep"], layer), dtype)
             y = call(g, operator.add, frozen, call(g, operator.mul, call(g, operator.sub, y, frozen), keep))
-    if y is not x:
-        for user in users:
-            user.replace_input_with(x, y)
-        y.meta.update(x.meta)
+        if y is not x and flat is not x:
+            y = call(g, "view", y, call(g, "size", flat, 0), -1)
+    if y is x:
+        return flat
+    for user in users:
+        user.replace_input_with(flat, y)
+    y.meta.update(flat.meta)
     return y
 
 
