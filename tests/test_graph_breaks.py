@@ -16,7 +16,7 @@ import attnfx
 from attnfx import api as _api
 import zoo
 from _tol import assert_close
-from attnfx.errors import UninstrumentedExecutionError
+from attnfx.errors import UninstrumentedExecutionError, UnsupportedModelError
 
 VOCAB, HEADS, HEAD_DIM, LAYERS = 64, 4, 8, 3
 BREAKS = ("before_layers", "between_layers", "after_attention", "before_sdpa")
@@ -241,6 +241,16 @@ def test_dbrx_without_cache_one_layer_graph_serves_both_layers():
     z = _inputs_of(projections, lambda: model(**kw))
     for recorded, expected in zip(rec["z"], z, strict=True):
         assert torch.equal(recorded.flatten(2), expected)
+
+
+def test_dbrx_dla_names_the_graph_break_that_hides_the_unembedding():
+    """zoo.GAPS' dbrx/dla: the typed error says why, not that the model has no unembedding."""
+    family = zoo.BY_NAME["dbrx"]
+    model = zoo.build(family, "sdpa")
+    kw = zoo.inputs(family, model)
+    im = _instrumented_quietly(model, kw)
+    with pytest.raises(UnsupportedModelError, match=r"graph breaks split this model's forward"):
+        attnfx.head_attribution(im, kw, torch.tensor([5, 9]))
 
 
 def _instrumented_quietly(model, kw):

@@ -322,6 +322,7 @@ class InstrumentedModel(nn.Module):
         self._sites: tuple[SiteInfo, ...] | None = None
         self._layer_of: dict[tuple[str, int], int] = {}
         self._final_norm: FinalNormInfo | None = None
+        self._graphs_per_call = 0                    # instrumented graphs one call runs (> 1: graph breaks)
         self._compiled: dict[tuple, object] = {}
         self._recording = None
         self._attached = True
@@ -536,6 +537,7 @@ class InstrumentedModel(nn.Module):
         self._layer_of = {(i.module_path, i.occurrence): n for n, i in enumerate(infos)}
         self._sites = tuple(replace(i, layer=n) for n, i in enumerate(infos))
         self._final_norm = ctx.final_norm
+        self._graphs_per_call = ctx.graphs_run
         self._allocate_state(*widest)
 
     def _allocate_state(self, heads: int, kv_heads: int, head_dim: int):

@@ -122,6 +122,11 @@ def _check_reproduces(result, logits, run, targets, foils) -> None:
 def _checked_path(im):
     info = im.final_norm
     name = type(im.model).__name__
+    if info is None and im._graphs_per_call > 1:
+        raise UnsupportedModelError(
+            f"{name}: no unembedding was found in the {im._graphs_per_call} graphs holding attention: graph breaks "
+            "split this model's forward, and the final norm and unembedding run in a graph after the last break, "
+            "so the residual stream from the heads to the logits cannot be traced across it")
     if info is None:
         raise UnsupportedModelError(
             f"{name}: no unembedding was found (an output that is a linear map of the residual stream, through "
