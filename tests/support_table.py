@@ -74,9 +74,9 @@ def render() -> str:
               "(add the family to `zoo.ANALYSED`)")
     gaps = [f"{i}. {reason}" for i, reason in enumerate(notes.reasons, 1)]
     lines += ["", legend + ("; ✗ a known gap:" if gaps else "; no known gaps."), *([""] + gaps if gaps else [])]
-    lines += ["", "Sites and steering are checked under every implementation listed; recording (and 0 "
-              "recompilations over 10 steering changes) under `sdpa` (`eager` where it is the only one), as "
-              "are generate, DLA, relevance and patching, for the families of `zoo.ANALYSED`. A plain `nn.Module` "
+    lines += ["", "Sites and steering are checked under every implementation listed; recording, 0 "
+              "recompilations over 10 steering changes, generate and DLA under `sdpa` (`eager` where it is the "
+              "only one), as are relevance and patching for the families of `zoo.ANALYSED`. A plain `nn.Module` "
               "calling SDPA or hand-written attention is covered by `tests/test_sites.py`. Generated from "
               f"`tests/zoo.py` by `{WRITE}`."]
     return "\n".join(lines)
