@@ -1,8 +1,11 @@
 // attnfx_C::attention_stats on CUDA (definitions in attention_stats.cpp). One warp per query row,
 // two passes over its visible keys, O(1) state per lane:
-//   1. an online max / Σexp over the keys lane, lane+32, …, merged across the warp → lse;
+//   1. an online max / Σexp over the keys, lane i holding key first + i of each 32-key tile,
+//      merged across the warp → lse;
 //   2. for each span, Σ exp(s − lse) over the span's visible keys (scores recomputed).
-// Pass 2 only touches keys inside spans. The q row is staged in shared memory as fp32.
+// Pass 2 only touches keys inside spans. The q row is staged in shared memory as fp32. A tile's
+// scores are computed by the whole warp one key at a time (lane e reads elements e, e + 32, … of
+// the key row: coalesced), then each lane keeps its key's score.
 #include "cuda_utils.cuh"
 
 #include <cmath>
@@ -18,11 +21,21 @@ struct StatsArgs {
   float scale;
 };
 
+// The scores of keys first … first + 31 (up to end), lane i receiving key first + i's (−inf past
+// end). `first` and `end` are the same on every lane, so every lane reaches each warp_sum.
 template <typename scalar_t>
-__device__ inline float score(const float* q, const scalar_t* k, int64_t stride, int64_t d, float scale) {
-  float acc = 0.f;
-  for (int64_t e = 0; e < d; ++e) acc += q[e] * static_cast<float>(k[e * stride]);
-  return acc * scale;
+__device__ inline float tile_scores(const float* qr, const scalar_t* kb, const StatsArgs& a, int64_t first,
+                                    int64_t end, int lane) {
+  float mine = -INFINITY;
+  const int count = static_cast<int>(std::min<int64_t>(end - first, cuda::kWarp));
+  for (int i = 0; i < count; ++i) {
+    const scalar_t* kr = kb + (first + i) * a.ks[2];
+    float part = 0.f;
+    for (int64_t e = lane; e < a.d; e += cuda::kWarp) part += qr[e] * static_cast<float>(kr[e * a.ks[3]]);
+    part = cuda::warp_sum(part);
+    if (lane == i) mine = part * a.scale;
+  }
+  return mine;
 }
 
 template <typename scalar_t>
@@ -43,9 +56,10 @@ __global__ void attention_stats_kernel(const scalar_t* __restrict__ q, const sca
   const bool* mask = key_mask == nullptr ? nullptr : key_mask + b * a.S;
   const int64_t end = a.causal ? std::min(a.S, t + a.S - a.T + 1) : a.S;   // visible keys: j < end
   float m = -INFINITY, l = 0.f;
-  for (int64_t j = lane; j < end; j += cuda::kWarp) {
-    if (mask != nullptr && !mask[j]) continue;
-    const float s = score(qr, kb + j * a.ks[2], a.ks[3], a.d, a.scale);
+  for (int64_t first = 0; first < end; first += cuda::kWarp) {
+    const float s = tile_scores(qr, kb, a, first, end, lane);
+    const int64_t j = first + lane;
+    if (j >= end || (mask != nullptr && !mask[j])) continue;       // after the tile: no warp_sum skipped
     if (s > m) {
       l = l * expf(m - s) + 1.f;
       m = s;
@@ -64,8 +78,10 @@ __global__ void attention_stats_kernel(const scalar_t* __restrict__ q, const sca
   for (int64_t i = 0; i < a.n; ++i) {
     const int64_t lo = std::max(spans[2 * i], int64_t{0}), hi = std::min(spans[2 * i + 1], end);
     float acc = 0.f;
-    for (int64_t j = lo + lane; l > 0.f && j < hi; j += cuda::kWarp) {
-      if (mask == nullptr || mask[j]) acc += expf(score(qr, kb + j * a.ks[2], a.ks[3], a.d, a.scale) - row_lse);
+    for (int64_t first = lo; l > 0.f && first < hi; first += cuda::kWarp) {     // l: the same on every lane
+      const float s = tile_scores(qr, kb, a, first, hi, lane);
+      const int64_t j = first + lane;
+      if (j < hi && (mask == nullptr || mask[j])) acc += expf(s - row_lse);
     }
     acc = cuda::warp_sum(acc);
     if (lane == 0) mass[((b * a.T + t) * a.H + h) * a.n + i] = acc;
