@@ -1,11 +1,14 @@
 // The backward rules of lrp_rules.cpp on CUDA (the forwards are ATen calls, registered for every
 // device there). Math in opmath (fp32 for fp16/bf16; fp64 for fp64).
 //   lrp_act_backward: one elementwise grid-stride pass, f(x) recomputed in registers.
-//   norm backwards:   one block per row (grid-stride); block sums give mean, Σ(x−mean)², and
-//                     mean(g·w); the weight/bias gradients are summed with atomicAdd into an
+//   norm backwards:   the input gradient, one block per row (grid-stride): block sums give mean,
+//                     Σ(x−mean)² and mean(g·w), kept per row; then the weight/bias gradients as
+//                     column sums: 32 columns × a stripe of rows per block (a warp reads 32
+//                     adjacent elements of a row), one atomicAdd per column and stripe into an
 //                     opmath buffer (order-dependent rounding, like any atomic reduction).
 #include "cuda_utils.cuh"
 
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
 
 #include <cmath>
@@ -71,8 +74,8 @@ static Tensor lrp_act_backward_cuda(const Tensor& grad, const Tensor& x, c10::st
 template <typename scalar_t, bool kLayerNorm>
 __global__ void norm_backward_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ x,
                                      const at::opmath_type<scalar_t>* __restrict__ w, scalar_t* __restrict__ gx,
-                                     at::opmath_type<scalar_t>* __restrict__ gw_sum,
-                                     at::opmath_type<scalar_t>* __restrict__ gb_sum, int64_t rows, int64_t d,
+                                     at::opmath_type<scalar_t>* __restrict__ row_mean,
+                                     at::opmath_type<scalar_t>* __restrict__ row_inv, int64_t rows, int64_t d,
                                      at::opmath_type<scalar_t> eps) {
   using acc_t = at::opmath_type<scalar_t>;
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
@@ -91,11 +94,49 @@ __global__ void norm_backward_kernel(const scalar_t* __restrict__ g, const scala
     const acc_t inv = acc_t(1) / sqrt(cuda::block_sum(sq) / d + eps);       // 1/σ or 1/rms
     const acc_t gw_mean = kLayerNorm ? cuda::block_sum(gw) / d : acc_t(0);
     for (int64_t e = threadIdx.x; e < d; e += blockDim.x) {
-      const acc_t ge = static_cast<acc_t>(gr[e]), xhat = (static_cast<acc_t>(xr[e]) - mean) * inv;
+      const acc_t ge = static_cast<acc_t>(gr[e]);
       gx[r * d + e] = static_cast<scalar_t>((ge * (w ? w[e] : acc_t(1)) - gw_mean) * inv);
-      atomicAdd(gw_sum + e, ge * xhat);
-      if (kLayerNorm) atomicAdd(gb_sum + e, ge);
     }
+    if (threadIdx.x == 0) {
+      row_mean[r] = mean;
+      row_inv[r] = inv;
+    }
+  }
+}
+
+constexpr int kColumnRows = 8;           // threads per column in a block: blockDim (32, 8)
+constexpr int64_t kStripes = 256;        // row stripes: blocks per 32 columns (and atomics per column)
+
+// gw[e] += Σ_r g[r, e] · x̂[r, e] and gb[e] += Σ_r g[r, e] over one stripe of rows.
+template <typename scalar_t, bool kLayerNorm>
+__global__ void norm_weight_grad_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ x,
+                                        const at::opmath_type<scalar_t>* __restrict__ row_mean,
+                                        const at::opmath_type<scalar_t>* __restrict__ row_inv, int64_t rows,
+                                        int64_t d, int64_t rows_per_stripe, at::opmath_type<scalar_t>* __restrict__ gw_sum,
+                                        at::opmath_type<scalar_t>* __restrict__ gb_sum) {
+  using acc_t = at::opmath_type<scalar_t>;
+  __shared__ acc_t part_w[kColumnRows][cuda::kWarp + 1], part_b[kColumnRows][cuda::kWarp + 1];
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * cuda::kWarp + threadIdx.x;
+  const int64_t first = static_cast<int64_t>(blockIdx.y) * rows_per_stripe;
+  const int64_t last = std::min(rows, first + rows_per_stripe);
+  acc_t sw = 0, sb = 0;
+  if (e < d) {
+    for (int64_t r = first + threadIdx.y; r < last; r += kColumnRows) {
+      const acc_t ge = static_cast<acc_t>(g[r * d + e]);
+      sw += ge * (static_cast<acc_t>(x[r * d + e]) - row_mean[r]) * row_inv[r];
+      sb += ge;
+    }
+  }
+  part_w[threadIdx.y][threadIdx.x] = sw;
+  part_b[threadIdx.y][threadIdx.x] = sb;
+  __syncthreads();
+  if (threadIdx.y == 0 && e < d) {
+    for (int i = 1; i < kColumnRows; ++i) {
+      sw += part_w[i][threadIdx.x];
+      sb += part_b[i][threadIdx.x];
+    }
+    atomicAdd(gw_sum + e, sw);
+    if (kLayerNorm) atomicAdd(gb_sum + e, sb);
   }
 }
 
@@ -115,10 +156,18 @@ static std::vector<Tensor> norm_backward_cuda(const Tensor& grad, const Tensor& 
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lrp_norm_backward_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       const auto kernel = layer_norm ? norm_backward_kernel<scalar_t, true> : norm_backward_kernel<scalar_t, false>;
+      Tensor row_mean = at::empty({rows}, x.options().dtype(acc_dtype)), row_inv = at::empty_like(row_mean);
       kernel<<<static_cast<unsigned>(std::min(rows, kMaxBlocks)), kThreads, 0, stream>>>(
           gc.const_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(),
           wc.defined() ? wc.const_data_ptr<acc_t>() : nullptr, gx.mutable_data_ptr<scalar_t>(),
-          gw_sum.mutable_data_ptr<acc_t>(), gb_sum.mutable_data_ptr<acc_t>(), rows, d, static_cast<acc_t>(eps));
+          row_mean.mutable_data_ptr<acc_t>(), row_inv.mutable_data_ptr<acc_t>(), rows, d, static_cast<acc_t>(eps));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const int64_t stripes = std::min(rows, kStripes), rows_per_stripe = (rows + stripes - 1) / stripes;
+      const auto columns = layer_norm ? norm_weight_grad_kernel<scalar_t, true> : norm_weight_grad_kernel<scalar_t, false>;
+      columns<<<dim3(cuda::blocks_for(d, cuda::kWarp), static_cast<unsigned>(stripes)), dim3(cuda::kWarp, kColumnRows), 0,
+                stream>>>(gc.const_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(), row_mean.const_data_ptr<acc_t>(),
+                          row_inv.const_data_ptr<acc_t>(), rows, d, rows_per_stripe, gw_sum.mutable_data_ptr<acc_t>(),
+                          gb_sum.mutable_data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
