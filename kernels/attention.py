@@ -25,17 +25,15 @@ Absent extras are passed as None (no placeholder tensors); batch/head base offse
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from attnfx.errors import ShapeMismatchError
+from attnfx.kernels import launch
 
 LOG2E = 1.4426950408889634
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -200,51 +198,6 @@ def _pow2(n: int, floor: int = 16) -> int:
     return max(floor, triton.next_power_of_2(n))
 
 
-def _blocks(block_m: int, block_n: int, num_warps: int, num_stages: int) -> dict:
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
-
-
-# Interpreter: small blocks, one stage (the CPU tests stay fast). fp32 (and wider) inputs take the
-# FMA path (PRECISION "ieee") and d > 128 is untuned: both keep the blocks they always had.
-_INTERPRETER_BLOCKS = _blocks(32, 32, 4, 1)
-
-
-def _fwd_config(block_d: int, dtype: torch.dtype, has_mass: bool) -> dict:
-    """Block sizes and launch shape, chosen with tools/sm90_table.py (ptxas -v for sm_90) for no
-    spills, wgmma, and whole 64-row wgmma tiles per warpgroup: at 64 rows / 8 warps the two
-    warpgroups split the head dim of P·V and each computed the whole QKᵀ tile (d 128: 20 wgmma
-    a key block per warpgroup for the 12 needed). The span-mass extra's two more dots and its
-    [M, n] sums need more registers: 8 warps at d 64, 32-key blocks at d 128."""
-    if _INTERPRET:
-        return _INTERPRETER_BLOCKS
-    if dtype.itemsize > 2 or block_d > 128:
-        return _blocks(128, 64, 4, 3) if block_d <= 64 else _blocks(64, 64 if block_d <= 128 else 32, 8, 3)
-    if block_d <= 64:
-        return _blocks(128, 64, 8 if has_mass else 4, 3)
-    return _blocks(128, 32 if has_mass else 64, 8, 3)
-
-
-def _bwd_config(block_d: int, dtype: torch.dtype, causal: bool) -> tuple[dict, dict]:
-    """(dK/dV pass, dQ pass), as _fwd_config. The dK/dV pass keeps two [BLOCK_N, d] fp32 sums and
-    its key block's K, V in registers, so its query blocks are short; causal at d 128, its
-    second loop (the diagonal) costs the registers of a pipeline stage (8 B spilled, Triton 3.6).
-    At 32 × 32, d 128 fell back to mma.sync."""
-    if _INTERPRET:
-        return _INTERPRETER_BLOCKS, _INTERPRETER_BLOCKS
-    if dtype.itemsize > 2 or block_d > 128:
-        blocks = _blocks(64, 64, 4, 2) if block_d <= 64 else _blocks(32, 32, 8, 2)
-        return blocks, blocks
-    if block_d <= 64:
-        return _blocks(32, 128, 8, 2), _blocks(64, 64, 4, 2)
-    return _blocks(16, 128, 8, 1 if causal else 2), _blocks(128, 64, 8, 2)
-
-
-def _launcher(kernel, traceable: bool):
-    """The kernel itself, or wrapped so that make_fx / AOT autograd trace it as a node Inductor
-    compiles (torch.library.triton_op); wrapping costs ~1 ms per eager call, so only on request."""
-    return wrap_triton(kernel) if traceable else kernel
-
-
 def attention_fwd(q, k, v, *, causal: bool = False, key_mask=None, sm_scale: float | None = None,
                   head_scale=None, directions=None, spans=None, write_o: bool = True, write_lse: bool = True,
                   traceable: bool = False):
@@ -273,9 +226,9 @@ def attention_fwd(q, k, v, *, causal: bool = False, key_mask=None, sm_scale: flo
     spans_i = spans.to(device=dev, dtype=torch.int32).contiguous() if num_spans else None
     mask_i = key_mask.to(device=dev, dtype=torch.int8) if key_mask is not None else None
     block_d = _pow2(D)
-    config = _fwd_config(block_d, q.dtype, num_spans > 0)
-    grid = (triton.cdiv(T, config["BLOCK_M"]) * b * H,)
-    _launcher(_attention_fwd, traceable)[grid](
+    launch.launch(
+        _attention_fwd, launch.forward_candidates(block_d, q.dtype, num_spans > 0),
+        lambda meta: (triton.cdiv(T, meta["BLOCK_M"]) * b * H,), traceable,
         q, k, v, out.get("o"), out.get("lse"), mask_i, head_scale, directions if num_dirs else None,
         out.get("readout"), spans_i, out.get("mass"),
         *q.stride(), *k.stride(), *v.stride(), *(out["o"].stride() if write_o else (0, 0, 0, 0)),
@@ -286,7 +239,7 @@ def attention_fwd(q, k, v, *, causal: bool = False, key_mask=None, sm_scale: flo
         BLOCK_S=_pow2(max(num_spans, 1)), CAUSAL=causal, HAS_KEY_MASK=key_mask is not None,
         HAS_SCALE=head_scale is not None, HAS_READOUT=num_dirs > 0, HAS_MASS=num_spans > 0,
         WRITE_O=write_o, WRITE_LSE=write_lse, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        READOUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32x3", **config,
+        READOUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32x3",
     )
     return out
 
@@ -453,16 +406,17 @@ def attention_bwd(do, q, k, v, o, lse, *, causal: bool = False, key_mask=None, s
     mask_i = key_mask.to(device=q.device, dtype=torch.int8) if key_mask is not None else None
     mask_strides = mask_i.stride() if key_mask is not None else (0, 0)
     block_d = _pow2(D)
-    dkdv_config, dq_config = _bwd_config(block_d, q.dtype, causal)
+    dkdv_shapes, dq_shapes = launch.backward_candidates(block_d, q.dtype, causal)
     scales = LRP_GRAD_SCALES if lrp else {"q": 1.0, "k": 1.0, "v": 1.0}
     common = dict(BLOCK_D=block_d, CAUSAL=causal, HAS_KEY_MASK=key_mask is not None,
                   PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
     lse = lse.contiguous()
-    _launcher(_attention_bwd_dkdv, traceable)[(triton.cdiv(S, dkdv_config["BLOCK_N"]) * b * Hkv,)](
+    launch.launch(
+        _attention_bwd_dkdv, dkdv_shapes, lambda meta: (triton.cdiv(S, meta["BLOCK_N"]) * b * Hkv,), traceable,
         q, k, v, do, lse, relevance, dk, dv, mask_i, *q.stride(), *do.stride(), *k.stride(), *v.stride(),
-        *dk.stride(), *mask_strides, H, Hkv, T, S, D, H // Hkv, S - T, sm_scale, scales["k"], scales["v"],
-        **common, **dkdv_config)
-    _launcher(_attention_bwd_dq, traceable)[(triton.cdiv(T, dq_config["BLOCK_M"]) * b * H,)](
+        *dk.stride(), *mask_strides, H, Hkv, T, S, D, H // Hkv, S - T, sm_scale, scales["k"], scales["v"], **common)
+    launch.launch(
+        _attention_bwd_dq, dq_shapes, lambda meta: (triton.cdiv(T, meta["BLOCK_M"]) * b * H,), traceable,
         q, k, v, do, lse, relevance, dq, mask_i, *q.stride(), *do.stride(), *dq.stride(), *k.stride(),
-        *v.stride(), *mask_strides, H, T, S, D, H // Hkv, S - T, sm_scale, scales["q"], **common, **dq_config)
+        *v.stride(), *mask_strides, H, T, S, D, H // Hkv, S - T, sm_scale, scales["q"], **common)
     return dq, dk, dv, relevance

@@ -126,23 +126,25 @@ def test_backward_matches_the_reference(c, lrp):
     torch.testing.assert_close(got[3].float(), rowsum, rtol=TOL[torch.float32], atol=TOL[torch.float32])
 
 
-@pytest.fixture
-def cuda_blocks(monkeypatch):
+@pytest.fixture(params=[0, 1], ids=["candidate0", "candidate1"])
+def cuda_blocks(request, monkeypatch):
     """The blocks and loop splits of a CUDA launch on 16-bit inputs (BLOCK_M ≠ BLOCK_N, 16 to
-    128 rows), run here in the interpreter, whose own blocks are 32 × 32."""
-    import attnfx.kernels.attention as attention
+    128 rows), run here in the interpreter, whose own blocks are 32 × 32: each autotuning
+    candidate in turn (the param: a variant with one candidate repeats it)."""
+    from attnfx.kernels import launch
 
-    fwd_config, bwd_config = attention._fwd_config, attention._bwd_config
+    forward, backward = launch.forward_candidates, launch.backward_candidates
+    pick = lambda shapes: (shapes[min(request.param, len(shapes) - 1)],)     # noqa: E731
 
     def fwd_16bit(block_d, dtype, has_mass):
-        return fwd_config(block_d, torch.bfloat16, has_mass)
+        return pick(forward(block_d, torch.bfloat16, has_mass))
 
     def bwd_16bit(block_d, dtype, causal):
-        return bwd_config(block_d, torch.bfloat16, causal)
+        return tuple(pick(shapes) for shapes in backward(block_d, torch.bfloat16, causal))
 
-    monkeypatch.setattr(attention, "_INTERPRET", False)
-    monkeypatch.setattr(attention, "_fwd_config", fwd_16bit)
-    monkeypatch.setattr(attention, "_bwd_config", bwd_16bit)
+    monkeypatch.setattr(launch, "INTERPRET", False)
+    monkeypatch.setattr(launch, "forward_candidates", fwd_16bit)
+    monkeypatch.setattr(launch, "backward_candidates", bwd_16bit)
 
 
 @pytest.mark.parametrize("T, S, padded", [(150, 173, True), (173, 150, False)])
@@ -191,3 +193,18 @@ def test_strided_inputs_are_read_in_place(causal):
     assert torch.equal(fwd["o"], want_fwd["o"]) and torch.equal(fwd["lse"], want_fwd["lse"])
     for g, w in zip(got, want):
         assert g.is_contiguous() and torch.equal(g, w)
+
+
+def test_the_autotuner_never_keys_on_sequence_lengths(monkeypatch):
+    """An autotuned launch keeps its choice for every T and S: the key holds the head width, the
+    group and the switches, and the first config is the shape a single launch uses."""
+    from attnfx.kernels import attention, launch
+
+    monkeypatch.setattr(launch, "INTERPRET", False)
+    for kernel in (attention._attention_fwd, attention._attention_bwd_dkdv, attention._attention_bwd_dq):
+        assert {"T", "S"} <= set(kernel.arg_names)
+        shapes = launch.forward_candidates(64, torch.bfloat16, False)
+        tuned = launch.autotuned(kernel, shapes)
+        assert {"D", "GROUP", "CAUSAL"} <= set(tuned.keys) and not {"T", "S"} & set(tuned.keys)
+        assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in tuned.configs] == [
+            (s.BLOCK_M, s.BLOCK_N, s.num_warps, s.num_stages) for s in shapes]

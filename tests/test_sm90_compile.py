@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_LIMIT = 227 * 1024          # H100/H200: the most shared memory one block may opt in to
@@ -36,9 +37,29 @@ def test_every_variant_compiled(sm90_rows):
     variants = {r["variant"] for r in sm90_rows}
     assert len(variants) == 2 * 2 * 2 * (len(FORWARD_EXTRAS) + 2)
     assert {r["variant"].split()[2] for r in sm90_rows} == set(DTYPES)
-    backward = [r for r in sm90_rows if r["variant"].startswith("bwd")]
+    backward = [r for r in sm90_rows if r["variant"].startswith("bwd") and r["candidate"] == 0]
     assert sorted({r["kernel"] for r in backward}) == ["attention_bwd_dkdv", "attention_bwd_dq"]
     assert len(backward) == 2 * len({r["variant"] for r in backward})
+
+
+def test_every_autotuning_candidate_compiled(sm90_rows, monkeypatch):
+    """Each launch is compiled at every shape its autotuner may pick (launch.forward_candidates /
+    backward_candidates), so the checks below hold whichever wins on the GPU."""
+    from attnfx.kernels import launch
+
+    monkeypatch.setattr(launch, "INTERPRET", False)         # the CUDA shapes, not the interpreter's
+    for row in sm90_rows:
+        _, d, dtype, mask, extra = row["variant"].split(" ", 4)
+        block_d, dtype = int(d[1:]), {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+        if row["variant"].startswith("fwd"):
+            shapes = launch.forward_candidates(block_d, dtype, extra == "span mass")
+        else:
+            shapes = launch.backward_candidates(block_d, dtype, mask == "causal")[row["kernel"] == "attention_bwd_dq"]
+        shape = shapes[row["candidate"]]
+        assert (row["block_m"], row["block_n"], row["warps"], row["stages"]) == (
+            shape.BLOCK_M, shape.BLOCK_N, shape.num_warps, shape.num_stages), row
+    counted = {(r["variant"], r["kernel"]) for r in sm90_rows if r["candidate"] == 1}
+    assert len(counted) > 0 and len(counted) == len([r for r in sm90_rows if r["candidate"] == 1])
 
 
 def test_no_variant_spills(sm90_rows):

@@ -88,14 +88,23 @@ class _Recorder:
 
 
 def _recorded_launches(attention, call):
-    calls = []
-    launcher = attention._launcher
-    attention._launcher = lambda kernel, traceable: _Recorder(kernel, calls)
+    """(kernel, grid, args, kwargs, candidate) of each launch `call` makes: an autotuned launch as
+    one per candidate shape (candidate 0: the shape a single launch would use)."""
+    calls, launch = [], attention.launch
+    launcher = launch.launcher
+    launch.launcher = lambda kernel, traceable: _Recorder(kernel, calls)
     try:
         call(attention)
     finally:
-        attention._launcher = launcher
-    return calls
+        launch.launcher = launcher
+    out = []
+    for kernel, grid, args, kwargs in calls:
+        configs = getattr(kernel, "configs", None)           # a triton Autotuner
+        if configs is None:
+            out.append((kernel, grid, args, kwargs, 0))
+        else:
+            out += [(kernel.fn, grid, args, {**kwargs, **c.all_kwargs()}, i) for i, c in enumerate(configs)]
+    return out
 
 
 def _compile(kernel, args, kwargs, target):
@@ -158,25 +167,35 @@ def _specialised(arg):
 
 def rows():
     """One row per (variant, kernel), compiled for sm_90 (identical compilations shared)."""
-    import attnfx.kernels.attention as attention       # after the TRITON_INTERPRET check: it reads it
+    import attnfx.kernels.attention as attention       # after the TRITON_INTERPRET check: launch reads it
 
     triton.knobs.nvidia.dump_ptxas_log = True
     triton.knobs.compilation.always_compile = True      # a cache hit would skip ptxas and its log
     target, done, out = GPUTarget(*SM90), {}, []
     for name, call in variants():
-        for kernel, _grid, args, kwargs in _recorded_launches(attention, call):
+        for kernel, _grid, args, kwargs, candidate in _recorded_launches(attention, call):
             key = (kernel.__name__, repr([_specialised(a) for a in args]), repr(kwargs))
             if key not in done:
                 done[key] = _compile(kernel, args, kwargs, target)
-            out.append(_row(name, kernel, kwargs, *done[key]))
+            out.append(dict(_row(name, kernel, kwargs, *done[key]), candidate=candidate))
     return out
 
 
 def markdown(table) -> str:
+    """The first candidate of each (variant, kernel): the shape a single launch uses; the
+    autotuner's others are counted below the table (the JSON has them all)."""
     lines = ["| variant | kernel | BLOCK_M×N | warps | stages | regs | spills (B) | shared (KB) | MMA |",
              "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['variant']} | {r['kernel']} | {r['block_m']}×{r['block_n']} | {r['warps']} | {r['stages']} | "
-              f"{r['regs']} | {r['spill_bytes']} | {r['shared'] / 1024:.1f} | {r['mma']} |" for r in table]
+              f"{r['regs']} | {r['spill_bytes']} | {r['shared'] / 1024:.1f} | {r['mma']} |"
+              for r in table if r["candidate"] == 0]
+    others = [r for r in table if r["candidate"] > 0]
+    if others:
+        lines += ["", f"Besides these, {len(others)} autotuning candidates ({len({r['variant'] for r in others})} "
+                      f"variants), compiled and checked alike: at most {max(r['regs'] for r in others)} registers, "
+                      f"{max(r['spill_bytes'] for r in others)} B spilled, "
+                      f"{max(r['shared'] for r in others) / 1024:.1f} KB shared, "
+                      f"{'/'.join(sorted({r['mma'] for r in others}))} only."]
     return "\n".join(lines)
 
 
