@@ -198,6 +198,27 @@ def _pow2(n: int, floor: int = 16) -> int:
     return max(floor, triton.next_power_of_2(n))
 
 
+_INT32_MAX = 2**31 - 1
+
+
+def rows_fit_int32(shape, stride) -> bool:
+    """Whether every element of one (batch, head) of a [b, h, t, d] tensor lies within int32 of
+    its base: the kernels' base offsets are int64, their row offsets int32."""
+    return (shape[2] - 1) * abs(stride[2]) + (shape[3] - 1) * abs(stride[3]) <= _INT32_MAX
+
+
+def _addressable(x: torch.Tensor, name: str) -> torch.Tensor:
+    """x read in place, or contiguous when its strides put one head's rows beyond int32 (a
+    transposed view of a very long sequence); a head larger than that is refused."""
+    if rows_fit_int32(x.shape, x.stride()):
+        return x
+    x = x.contiguous()
+    if not rows_fit_int32(x.shape, x.stride()):
+        raise ShapeMismatchError(f"{name}: one head holds {x.shape[2]} × {x.shape[3]} elements, more than the "
+                                 f"2³¹ − 1 the kernels address within a head")
+    return x
+
+
 def attention_fwd(q, k, v, *, causal: bool = False, key_mask=None, sm_scale: float | None = None,
                   head_scale=None, directions=None, spans=None, write_o: bool = True, write_lse: bool = True,
                   traceable: bool = False):
@@ -206,6 +227,7 @@ def attention_fwd(q, k, v, *, causal: bool = False, key_mask=None, sm_scale: flo
     [b, T, H, n] (fp32), each present only when asked for. `directions` [H, d, K]; `spans` [n, 2]
     int (start, end) key ranges; `key_mask` [b, S] bool; `head_scale` [H]. traceable=True
     launches through torch.library.wrap_triton (inside a triton_op)."""
+    q, k, v = _addressable(q, "q"), _addressable(k, "k"), _addressable(v, "v")
     b, H, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     if H % Hkv:
@@ -398,6 +420,7 @@ def attention_bwd(do, q, k, v, o, lse, *, causal: bool = False, key_mask=None, s
     also scales dq, dk by ¼ and dv by ½. `delta` overrides the rowsum (a caller whose output was
     scaled after the kernel passes Σ grad ⊙ output, which is the same number). q, k, v, do of any
     strides (read in place); dq, dk, dv come back contiguous."""
+    q, k, v, do = (_addressable(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v"), (do, "do")))
     b, H, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale

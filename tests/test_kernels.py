@@ -208,3 +208,19 @@ def test_the_autotuner_never_keys_on_sequence_lengths(monkeypatch):
         assert {"D", "GROUP", "CAUSAL"} <= set(tuned.keys) and not {"T", "S"} & set(tuned.keys)
         assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in tuned.configs] == [
             (s.BLOCK_M, s.BLOCK_N, s.num_warps, s.num_stages) for s in shapes]
+
+
+def test_heads_beyond_int32_rows_are_copied_or_refused():
+    """The kernels' row offsets within a head are int32: a view whose strides put a head's rows
+    past 2³¹ − 1 (a transposed view of a very long sequence) is made contiguous; a head that is
+    larger than that even contiguous is refused. Meta tensors: no memory is allocated."""
+    from attnfx.kernels.attention import _addressable, rows_fit_int32
+
+    assert rows_fit_int32((1, 1, 2**24, 128), (0, 0, 128, 1))
+    assert not rows_fit_int32((1, 1, 2**24, 128), (0, 0, 129, 1))
+    spread = torch.empty_strided((1, 2, 3, 4), (0, 4, 2**30, 1), device="meta")
+    assert _addressable(spread, "q").stride() == (24, 12, 4, 1)
+    fits = torch.empty_strided((1, 2, 3, 4), (24, 4, 8, 1), device="meta")
+    assert _addressable(fits, "q") is fits
+    with pytest.raises(ShapeMismatchError, match="k: one head holds"):
+        _addressable(torch.empty(1, 1, 2**29, 8, device="meta"), "k")
