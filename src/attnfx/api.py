@@ -399,12 +399,13 @@ class InstrumentedModel(nn.Module):
             out = self._call((), call)
         return BaseModelOutput(last_hidden_state=out.encoder_last_hidden_state)
 
-    def record(self, *kinds, directions=None, heads=None, positions=None):
-        """Context manager: `with im.record("z", "readout", directions=R) as rec: im(x)`."""
+    def record(self, *kinds, directions=None, heads=None, positions=None, layers=None):
+        """Context manager: `with im.record("z", "readout", directions=R) as rec: im(x)`. Kinds and
+        layouts: recording.py; `layers` limits the per-layer components to those layers."""
         from .recording import Recording
 
         self._check_attached()
-        return Recording(self, kinds, directions=directions, heads=heads, positions=positions)
+        return Recording(self, kinds, directions=directions, heads=heads, positions=positions, layers=layers)
 
     def uninstrument(self) -> nn.Module:
         """Detach: the wrapper stops working, the model is returned as it was."""
@@ -571,7 +572,8 @@ class InstrumentedModel(nn.Module):
                 head_dim=site.head_dim, d_model=d_model, causal=site.causal, masked=site.masked,
                 o_proj=names.get(site.o_weight), value_bias=names.get(site.v_bias),
                 occurrence=occurrence, scale=site.scale, kv_heads_read=site.kv_heads_read,
-                stack=stack, attends=attends, gated=site.gate is not None))
+                stack=stack, attends=attends, gated=site.gate is not None,
+                extra_columns=site.extra_columns))
         if self._sites is not None and any(i.layer < 0 for i in infos):
             raise NoAttentionFoundError(
                 f"a recompiled graph holds attention sites not seen when the model was first instrumented: "

@@ -6,6 +6,19 @@ object sorts them per call:
     rec["contrib"]    {(layer, head): [b, P, d_model]} for the selected heads and positions
     rec["final_norm"] [b, t, d_model]: the residual entering the final norm
 
+Components, found by the patterns of blocks.py and sites.py (so on every family), each a list
+over layers (None at a layer not asked for with layers=[...]; rec[kind, layer] for one):
+
+    rec["resid_pre"]  [b, t, d_model]  the residual stream entering the layer (HF hidden_states[l])
+    rec["attn_out"]   [b, t, d_model]  the attention's output projection, bias included
+    rec["mlp_out"]    [b, t, d_model]  the MLP's output (a whole MoE layer's)
+    rec["q"]          [b, t, H, d]     queries as the attention reads them (after RoPE, steered)
+    rec["k"], ["v"]   [b, s, H_kv, d]  keys and values per kv head (query head h reads kv head
+                                       h // (H / H_kv)), after any KV cache: s counts past tokens
+    rec["pattern"]    [b, H, t, s] fp32 the attention probabilities (HF's output_attentions);
+                                       positions=[...] keeps those query rows. The graph computes
+                                       the layer's whole t × s scores: ask for the layers you need.
+
 `rec[...]` is the most recent call's; `rec.calls` keeps every call (e.g. each generate step).
 """
 from __future__ import annotations
@@ -18,15 +31,31 @@ from .indices import as_index, padded_stack
 from .spec import RECORD_KINDS, Spec
 
 
+# public record name → the probe pass's component kind it captures
+COMPONENTS = {"resid_pre": "resid", "attn_out": "attn", "mlp_out": "mlp", "q": "queries", "k": "keys",
+              "v": "values", "pattern": "scores"}
+KINDS = RECORD_KINDS + tuple(COMPONENTS)
+
+
 class Recording:
-    def __init__(self, im, kinds, *, directions=None, heads=None, positions=None):
+    def __init__(self, im, kinds, *, directions=None, heads=None, positions=None, layers=None):
         kinds = tuple(dict.fromkeys(kinds))
-        bad = [k for k in kinds if k not in RECORD_KINDS]
+        bad = [k for k in kinds if k not in KINDS]
         if not kinds or bad:
-            raise InvalidArgumentError(f"record kinds must be among {RECORD_KINDS}, got {kinds!r}")
+            raise InvalidArgumentError(f"record kinds must be among {KINDS}, got {kinds!r}")
         self._im = im
         self.calls: list[dict] = []
         sites = im.sites
+        components = tuple(COMPONENTS[k] for k in kinds if k in COMPONENTS)
+        if layers is not None and not components:
+            raise InvalidArgumentError(f"layers= selects the layers of {tuple(COMPONENTS)}; none was asked for")
+        self._layers = tuple(sorted({as_index(layer, len(sites), "layer") for layer in layers})) \
+            if layers is not None else None
+        if self._layers == ():
+            raise InvalidArgumentError("layers=[] records nothing: name at least one layer")
+        self._pattern_rows = None
+        if "pattern" in kinds and positions is not None:
+            self._pattern_rows = torch.as_tensor([int(p) for p in positions], dtype=torch.long)
         self._directions = self._check_directions(directions, sites) if "readout" in kinds else None
         contrib = self._check_heads(heads, sites) if "contrib" in kinds else ()
         if "contrib" in kinds and positions is not None:
@@ -37,8 +66,9 @@ class Recording:
             missing = [s.layer for s in sites if s.o_proj is None and s.d_model is None]
             if missing:
                 raise InvalidArgumentError(f"no output projection found for layers {missing}; readouts need W_O")
-        self.spec = Spec(records=kinds, contrib_heads=contrib,
-                         contrib_positions=positions if "contrib" in kinds else None)
+        self.spec = Spec(records=tuple(k for k in kinds if k in RECORD_KINDS), contrib_heads=contrib,
+                         contrib_positions=positions if "contrib" in kinds else None, captures=components,
+                         capture_layers=self._layers if components else None)
 
     @staticmethod
     def _check_directions(directions, sites) -> torch.Tensor:
@@ -85,9 +115,16 @@ class Recording:
             delattr(im, "readout_directions")       # the directions belong to this recording only
         return False
 
-    def __getitem__(self, kind: str):
+    def __getitem__(self, kind):
+        """rec[kind], or rec[kind, layer] for one layer of a per-layer kind."""
         if not self.calls:
             raise KeyError("nothing recorded yet: call the model inside the `with` block")
+        if isinstance(kind, tuple):
+            kind, layer = kind
+            value = self.calls[-1][kind][as_index(layer, len(self._im.sites), "layer")]
+            if value is None:
+                raise KeyError(f"{kind!r} of layer {layer} was not recorded (layers={list(self._layers)})")
+            return value
         return self.calls[-1][kind]
 
     def __contains__(self, kind):
@@ -112,4 +149,31 @@ class Recording:
                                for i, h in enumerate(heads)}
         if "final_norm" in per_kind:
             call["final_norm"] = next(iter(per_kind["final_norm"].values()))
+        for name, kind in COMPONENTS.items():
+            if f"capture:{kind}" in per_kind:
+                found = {layer: t for (layer, _), t in per_kind[f"capture:{kind}"].items()}
+                convert = {"pattern": self._pattern, "k": self._per_kv_head, "v": self._per_kv_head}.get(
+                    name, lambda layer, t: t)
+                call[name] = [convert(layer, found[layer]) if layer in found else None for layer in range(layers)]
         self.calls.append(call)
+
+    def _per_kv_head(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """k or v [b, s, H_read, d] as the attention read them → one per kv head: a model that
+        repeats kv heads before the attention (HF's repeat_kv: head h reads kv head h // rep)
+        holds rep copies of each."""
+        site = self._im.sites[layer]
+        rep = x.shape[2] // site.num_kv_heads
+        return x[:, :, ::rep].clone() if rep > 1 else x
+
+    def _pattern(self, layer: int, scores: torch.Tensor) -> torch.Tensor:
+        """The softmax of the layer's masked logits [b, H, T, S] (or [b·H, T, S]: heads merged into
+        the batch), without score columns the model joins before its softmax and drops after."""
+        site = self._im.sites[layer]
+        probs = torch.softmax(scores, dim=-1)
+        probs = probs.reshape(-1, site.num_heads, *probs.shape[-2:])
+        dropped = site.extra_columns
+        if dropped:
+            probs = probs[..., :probs.shape[-1] - dropped]
+        if self._pattern_rows is not None:
+            probs = probs[:, :, self._pattern_rows.to(probs.device)]
+        return probs

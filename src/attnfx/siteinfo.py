@@ -28,6 +28,7 @@ class SiteInfo:
     attends: str = "self"         # "self" | "cross" (keys and values from another stream)
     gated: bool = False           # W_O reads z ⊙ g (an elementwise gate): z records are pre-gate,
                                   # readouts and contributions use z ⊙ g
+    extra_columns: int = 0        # score columns joined before the softmax and dropped after (sinks)
 
 
 @dataclass(frozen=True)

@@ -72,7 +72,8 @@ def apply(gm: GraphModule, sites: list[tuple[int, AttentionSite]], blocks: Block
             latest[node] = _instrument(g, node, kind, layer, spec, state, records, tokens)
             touched[kind].append(layer)
     if "scores" in spec.captures:
-        _capture_scores(g, sites, records)
+        _capture_scores(g, [(layer, site) for layer, site in sites
+                            if spec.capture_layers is None or layer in spec.capture_layers], records)
     return touched, records
 
 

@@ -1,0 +1,168 @@
+"""Per-layer component records (issue 14): `im.record("resid_pre", "attn_out", "mlp_out", "q", "k",
+"v", "pattern")` equals the same tensors taken the slow way on the bare model — HF's own
+output_hidden_states / output_attentions, forward hooks on the output projections, the q/k/v
+SDPA is called with — on GPT-2, Llama with GQA, BERT and the default model, padded batches."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._dynamo.utils import counters
+
+import attnfx
+import models
+from _tol import assert_close
+from attnfx.errors import InvalidArgumentError, SiteIndexError
+from attnfx.models.loader import load_default
+
+KINDS = ("resid_pre", "attn_out", "mlp_out", "q", "k", "v")
+# family → (model → per layer (attention output projection, MLP output projection))
+PROJECTIONS = {
+    "gpt2": lambda m, l: (m.transformer.h[l].attn.c_proj, m.transformer.h[l].mlp.c_proj),
+    "llama": lambda m, l: (m.model.layers[l].self_attn.o_proj, m.model.layers[l].mlp.down_proj),
+    "bert": lambda m, l: (m.encoder.layer[l].attention.output.dense, m.encoder.layer[l].output.dense),
+}
+
+
+def _inputs(causal: bool):
+    ids = torch.randint(1, models.VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    if causal:
+        mask[1, :2] = 0         # left padding
+    else:
+        mask[1, 5:] = 0         # right padding
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _slow(model, kw, projections):
+    """hidden states, attention/MLP projection outputs and SDPA's q, k, v from the bare model."""
+    outputs, sdpa_args = {}, []
+    hooks = [module.register_forward_hook(lambda mod, args, out, key=key: outputs.__setitem__(key, out.detach()))
+             for key, module in projections.items()]
+    real = F.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        sdpa_args.append((q.detach(), k.detach(), v.detach()))
+        return real(q, k, v, *args, **kwargs)
+
+    F.scaled_dot_product_attention = spy
+    try:
+        with torch.no_grad():
+            hidden = model(**kw, output_hidden_states=True).hidden_states
+    finally:
+        F.scaled_dot_product_attention = real
+        for hook in hooks:
+            hook.remove()
+    return hidden, outputs, sdpa_args
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "bert"])
+def test_components_equal_hf_outputs_hooks_and_sdpa_inputs(name):
+    family = models.FAMILIES[name]
+    model = models.build(family, layers=2, heads=4, kv_heads=2, impl="sdpa")
+    kw = _inputs(family.causal)
+    layers = 2
+    projections = {(kind, l): PROJECTIONS[name](model, l)[i] for l in range(layers) for i, kind in
+                   enumerate(("attn_out", "mlp_out"))}
+    hidden, outputs, sdpa_args = _slow(model, kw, projections)
+    im = attnfx.instrument(model, backend="eager")
+    with torch.no_grad(), im.record(*KINDS) as rec:
+        im(**kw)
+    for layer in range(layers):
+        assert_close(rec["resid_pre", layer], hidden[layer])
+        for kind in ("attn_out", "mlp_out"):
+            assert_close(rec[kind, layer], outputs[kind, layer].view_as(rec[kind, layer]))
+        q, k, v = (x.transpose(1, 2) for x in sdpa_args[layer])           # [b, t, H, d] as SDPA got them
+        assert_close(rec["q", layer], q)
+        assert rec["k", layer].shape[2] == rec["v", layer].shape[2] == im.sites[layer].num_kv_heads
+        for got, want in ((rec["k", layer], k), (rec["v", layer], v)):    # query head h reads kv head h // rep
+            assert_close(got.repeat_interleave(want.shape[2] // got.shape[2], dim=2), want)
+    if name == "llama":
+        assert rec["k", 0].shape[2] == 2 and rec["q", 0].shape[2] == 4
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "bert"])
+def test_pattern_equals_output_attentions(name):
+    """pattern on the sdpa build (recomputed from q and k in the graph) and on the eager build
+    (the model's own softmax input) both equal the eager model's output_attentions."""
+    family = models.FAMILIES[name]
+    kw = _inputs(family.causal)
+    eager = models.build(family, layers=2, heads=4, kv_heads=2, impl="eager")
+    with torch.no_grad():
+        want = eager(**kw, output_attentions=True).attentions
+    for impl in ("eager", "sdpa"):
+        model = models.build(family, layers=2, heads=4, kv_heads=2, impl=impl)
+        im = attnfx.instrument(model, backend="eager")
+        with torch.no_grad(), im.record("pattern") as rec:
+            im(**kw)
+        for layer, expected in enumerate(want):
+            keep = kw["attention_mask"].bool()[:, None, :, None]          # rows of padded queries: HF's own
+            got = rec["pattern", layer]
+            assert_close(torch.where(keep, got, 0.0), torch.where(keep, expected, 0.0))
+            rows = keep[..., 0].expand(-1, got.shape[1], -1)
+            assert_close(got.sum(-1)[rows], torch.ones(int(rows.sum())))
+        im.uninstrument()
+
+
+def test_pattern_positions_and_layers_select_what_leaves_the_graph():
+    family = models.FAMILIES["llama"]
+    model = models.build(family, layers=3, heads=4, kv_heads=2, impl="sdpa")
+    kw = _inputs(True)
+    im = attnfx.instrument(model, backend="eager")
+    with torch.no_grad(), im.record("pattern", "resid_pre") as full:
+        im(**kw)
+    with torch.no_grad(), im.record("pattern", "resid_pre", layers=[2, 0], positions=[-1, 3]) as some:
+        im(**kw)
+    assert some["pattern"][1] is None and some["resid_pre"][1] is None
+    for layer in (0, 2):
+        assert torch.equal(some["pattern", layer], full["pattern", layer][:, :, [-1, 3]])
+        assert torch.equal(some["resid_pre", layer], full["resid_pre", layer])
+    with pytest.raises(KeyError, match="layer 1 was not recorded"):
+        some["pattern", 1]
+
+
+def test_one_record_of_every_kind_compiles_once_and_generate_keeps_each_step():
+    family = models.FAMILIES["llama"]
+    model = models.build(family, layers=2, heads=4, kv_heads=2, impl="sdpa")
+    kw = _inputs(True)
+    im = attnfx.instrument(model, backend="eager")
+    kinds = KINDS + ("pattern", "z")
+    with torch.no_grad(), im.record(*kinds):
+        im(**kw)
+    before = counters["attnfx"]["graphs_compiled"]
+    with torch.no_grad(), im.record(*kinds) as rec:
+        im(**kw)
+        im(**{k: v[:, 1:].contiguous() for k, v in kw.items()})                      # a new length: no recompile
+    assert counters["attnfx"]["graphs_compiled"] == before
+    assert len(rec.calls) == 2 and rec["q", 0].shape[1] == 6
+    with torch.no_grad(), im.record("k", "pattern") as rec:
+        out = im.generate(**kw, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    steps = [call["k"][0].shape[1] for call in rec.calls]
+    assert steps == [7, 8, 9] and out.shape[1] == 10                      # the cache grows by one per step
+    assert rec.calls[-1]["pattern"][0].shape[-2:] == (1, 9)
+
+
+def test_default_model_resid_pre_equals_hidden_states():
+    model, _ = load_default()
+    tokens = torch.randint(5, 100, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        hidden = model(input_ids=tokens, output_hidden_states=True).hidden_states
+    im = attnfx.instrument(model, backend="eager")
+    with torch.no_grad(), im.record("resid_pre", "pattern") as rec:
+        im(input_ids=tokens)
+    for layer in range(len(im.sites)):
+        assert_close(rec["resid_pre", layer], hidden[layer])
+        assert rec["pattern", layer].shape == (2, im.sites[layer].num_heads, 9, 9)
+
+
+def test_bad_record_requests_raise_before_anything_runs():
+    model = models.build(models.FAMILIES["gpt2"], layers=2)
+    im = attnfx.instrument(model, backend="eager")
+    with pytest.raises(InvalidArgumentError, match="record kinds must be among"):
+        im.record("residual")
+    with pytest.raises(InvalidArgumentError, match="layers=\\[\\] records nothing"):
+        im.record("q", layers=[])
+    with pytest.raises(SiteIndexError):
+        im.record("q", layers=[2])
+    with pytest.raises(InvalidArgumentError, match="layers= selects"):
+        im.record("z", layers=[0])
