@@ -166,3 +166,65 @@ def test_bad_record_requests_raise_before_anything_runs():
         im.record("q", layers=[2])
     with pytest.raises(InvalidArgumentError, match="layers= selects"):
         im.record("z", layers=[0])
+
+
+# ---- the logit lens ------------------------------------------------------------------------------
+def _explicit_lens(model, final_norm, unembedding, hidden, frozen_from=None):
+    """lm_head(final_norm(x)) on the model's own modules; frozen: the final stream's σ."""
+    if frozen_from is None:
+        return unembedding(final_norm(hidden))
+    sigma = torch.sqrt(frozen_from.var(-1, unbiased=False, keepdim=True) + final_norm.eps)
+    return unembedding((hidden - hidden.mean(-1, keepdim=True)) / sigma * final_norm.weight + final_norm.bias)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_logit_lens_is_the_final_norm_and_unembedding_of_each_layer(name):
+    """Row l: lm_head(final_norm(hidden_states[l])) with the model's own modules; the last row: the
+    model's logits; GPT-2's frozen lens uses the final stream's σ."""
+    family = models.FAMILIES[name]
+    model = models.build(family, layers=3, heads=4, kv_heads=2, impl="sdpa")
+    kw = _inputs(True)
+    final_norm = model.transformer.ln_f if name == "gpt2" else model.model.norm
+    streams = {}
+    hook = final_norm.register_forward_hook(lambda mod, args, out: streams.__setitem__("final", args[0].detach()))
+    with torch.no_grad():
+        out = model(**kw, output_hidden_states=True)
+    hook.remove()
+    im = attnfx.instrument(model, backend="eager")
+    lens = attnfx.logit_lens(im, kw)
+    assert lens.shape == (4, 2, 7, models.VOCAB)
+    with torch.no_grad():
+        for layer in range(3):
+            assert_close(lens[layer], _explicit_lens(model, final_norm, model.lm_head, out.hidden_states[layer]))
+        assert_close(lens[3], out.logits)
+        if name == "gpt2":
+            frozen = attnfx.logit_lens(im, kw, positions=[-1, 2], norm="frozen")
+            for layer in range(3):
+                want = _explicit_lens(model, final_norm, model.lm_head, out.hidden_states[layer], streams["final"])
+                assert_close(frozen[layer], want[:, [-1, 2]])
+            assert_close(frozen[3], out.logits[:, [-1, 2]])
+
+
+@pytest.mark.parametrize("name", ["cohere", "gemma2", "granite"])
+def test_logit_lens_last_row_is_the_logits_through_every_logit_path(name):
+    """Logit scales (Cohere), final soft-capping and (1 + w) norms (Gemma-2), logits scaling
+    (Granite): the lens applies the path the graph has, so its last row is the model's logits."""
+    import zoo
+
+    family = zoo.BY_NAME[name]
+    model = zoo.build(family, "eager")
+    kw = zoo.inputs(family, model)
+    with torch.no_grad():
+        want = model(**kw).logits
+    im = attnfx.instrument(model, backend="eager")
+    assert_close(attnfx.logit_lens(im, kw)[-1], want)
+
+
+def test_logit_lens_raises_without_an_unembedding():
+    from attnfx.errors import UnsupportedModelError
+
+    im = attnfx.instrument(models.build(models.FAMILIES["bert"], layers=2), backend="eager")
+    with pytest.raises(UnsupportedModelError, match="no final norm"):
+        attnfx.logit_lens(im, _inputs(False))
+    with pytest.raises(InvalidArgumentError, match="norm must be"):
+        attnfx.logit_lens(im, _inputs(False), norm="dead")

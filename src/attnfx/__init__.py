@@ -14,7 +14,8 @@ from . import errors
 from .errors import *  # noqa: F401,F403  (typed errors are part of the public surface)
 
 __all__ = ["instrument", "InstrumentedModel", "SiteInfo", "FinalNormInfo", "PATTERNS", "errors", "set_backend",
-           "head_attribution", "logit_attribution", "LogitAttribution", "relevance", "patching", "metrics", "models"]
+           "head_attribution", "logit_attribution", "LogitAttribution", "logit_lens", "relevance", "patching", "metrics",
+           "models"]
 __version__ = "0.1.0"
 
 # public name -> (module, attribute); attribute None means the module itself
@@ -28,6 +29,7 @@ _LAZY = {
     "head_attribution": (".analysis.attribution", "head_attribution"),
     "logit_attribution": (".analysis.attribution", "logit_attribution"),
     "LogitAttribution": (".analysis.attribution", "LogitAttribution"),
+    "logit_lens": (".analysis.lens", "logit_lens"),
     "relevance": (".analysis.relevance", "relevance"),
     "patching": (".analysis.patching", None),
     "metrics": (".analysis.metrics", None),
