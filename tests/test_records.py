@@ -228,3 +228,30 @@ def test_logit_lens_raises_without_an_unembedding():
         attnfx.logit_lens(im, _inputs(False))
     with pytest.raises(InvalidArgumentError, match="norm must be"):
         attnfx.logit_lens(im, _inputs(False), norm="dead")
+
+
+# ---- per-token loss -------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["gpt2", "bert", "t5"])
+def test_token_loss_averages_to_the_models_loss(name):
+    """Causal LM (shifted), masked LM and encoder–decoder (not shifted), labels ignored at −100:
+    each token's loss equals an explicit cross-entropy and their nanmean is HF's loss."""
+    import zoo
+
+    family = zoo.BY_NAME[name]
+    model = zoo.build(family, "eager")
+    kw = dict(zoo.inputs(family, model))
+    labels = (kw.get("decoder_input_ids", kw["input_ids"])).clone()
+    labels[0, :2] = -100
+    kw = {k: v for k, v in kw.items() if not k.startswith("decoder_")}
+    with torch.no_grad():
+        out = model(**kw, labels=labels)
+    im = attnfx.instrument(model, backend="eager")
+    with torch.no_grad(), im.record("loss") as rec:
+        im(**kw, labels=labels)
+    logits, target = (out.logits[:, :-1], labels[:, 1:]) if name == "gpt2" else (out.logits, labels)
+    want = F.cross_entropy(logits.flatten(0, 1), target.flatten().clamp(min=0), reduction="none").view(target.shape)
+    assert torch.isnan(rec["loss"]).equal(target == -100)
+    assert_close(rec["loss"].nan_to_num(), want.masked_fill(target == -100, 0.0))
+    assert_close(rec["loss"].nanmean(), out.loss)
+    with pytest.raises(InvalidArgumentError, match="needs the call's labels"), torch.no_grad(), im.record("loss"):
+        im(**zoo.inputs(family, model))

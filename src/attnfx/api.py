@@ -492,6 +492,7 @@ class InstrumentedModel(nn.Module):
             self._forget(key)
             raise
         if self._recording is not None:
+            ctx.output, ctx.labels = out, kwargs.get("labels")
             self._recording._collect(ctx)
         return out
 

@@ -19,6 +19,10 @@ over layers (None at a layer not asked for with layers=[...]; rec[kind, layer] f
                                        positions=[...] keeps those query rows. The graph computes
                                        the layer's whole t × s scores: ask for the layers you need.
 
+    rec["loss"]       [b, t] fp32 (t − 1 for a causal LM, whose logits at t predict token t + 1):
+                                       each token's cross-entropy with the call's labels, NaN where
+                                       a label is ignored (−100); its nanmean is HF's loss
+
 `rec[...]` is the most recent call's; `rec.calls` keeps every call (e.g. each generate step).
 """
 from __future__ import annotations
@@ -26,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from .errors import (DeviceMismatchError, DTypeMismatchError, InvalidArgumentError,
-                     ShapeMismatchError, SteeringValueError)
+                     ShapeMismatchError, SteeringValueError, UnsupportedModelError)
 from .indices import as_index, padded_stack
 from .spec import RECORD_KINDS, Spec
 
@@ -34,7 +38,8 @@ from .spec import RECORD_KINDS, Spec
 # public record name → the probe pass's component kind it captures
 COMPONENTS = {"resid_pre": "resid", "attn_out": "attn", "mlp_out": "mlp", "q": "queries", "k": "keys",
               "v": "values", "pattern": "scores"}
-KINDS = RECORD_KINDS + tuple(COMPONENTS)
+KINDS = RECORD_KINDS + tuple(COMPONENTS) + ("loss",)
+_IGNORED = -100                     # HF's ignore_index
 
 
 class Recording:
@@ -66,6 +71,7 @@ class Recording:
             missing = [s.layer for s in sites if s.o_proj is None and s.d_model is None]
             if missing:
                 raise InvalidArgumentError(f"no output projection found for layers {missing}; readouts need W_O")
+        self._loss = "loss" in kinds
         self.spec = Spec(records=tuple(k for k in kinds if k in RECORD_KINDS), contrib_heads=contrib,
                          contrib_positions=positions if "contrib" in kinds else None, captures=components,
                          capture_layers=self._layers if components else None)
@@ -155,7 +161,31 @@ class Recording:
                 convert = {"pattern": self._pattern, "k": self._per_kv_head, "v": self._per_kv_head}.get(
                     name, lambda layer, t: t)
                 call[name] = [convert(layer, found[layer]) if layer in found else None for layer in range(layers)]
+        if self._loss:
+            call["loss"] = self._token_loss(ctx.output, ctx.labels)
         self.calls.append(call)
+
+    def _token_loss(self, output, labels) -> torch.Tensor:
+        """Per-token cross-entropy, shifted as HF shifts it (a causal LM's logits at t score token
+        t + 1; masked-LM and encoder–decoder logits score their own position), checked against the
+        model's own loss when it returns one."""
+        if labels is None:
+            raise InvalidArgumentError("recording 'loss' needs the call's labels=[b, t] (−100: ignored)")
+        logits = getattr(output, "logits", None)
+        if logits is None:
+            raise InvalidArgumentError("recording 'loss' needs an output with .logits")
+        config = self._im.model.config
+        if not getattr(config, "is_encoder_decoder", False) and getattr(self._im.model, "loss_type", None) != "ForMaskedLM":
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        labels = labels.to(logits.device)
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, -2), labels.flatten().clamp(min=0),
+                                                 reduction="none").view(labels.shape)
+        loss = loss.masked_fill(labels == _IGNORED, float("nan"))
+        model_loss = getattr(output, "loss", None)
+        if model_loss is not None and not torch.allclose(loss.nanmean(), model_loss.float(), rtol=1e-4, atol=1e-5):
+            raise UnsupportedModelError(f"per-token losses average to {loss.nanmean().item():.6g}, the model's loss is "
+                                        f"{model_loss.item():.6g}: this model scores its labels another way")
+        return loss
 
     def _per_kv_head(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """k or v [b, s, H_read, d] as the attention read them → one per kv head: a model that

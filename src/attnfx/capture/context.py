@@ -24,6 +24,8 @@ class CallContext:
     probed: dict = field(default_factory=dict)        # probe kind → layers gated
     leaks: list = field(default_factory=list)         # ops the lrp pass had no rule for
     runs_of: dict = field(default_factory=dict)       # module path → its sites run so far (occurrences)
+    output: Any = None                                # the call's output and labels, for the per-token
+    labels: Any = None                                # loss a recording computes after the call
 
 
 def current() -> CallContext | None:
