@@ -255,3 +255,51 @@ def test_token_loss_averages_to_the_models_loss(name):
     assert_close(rec["loss"].nanmean(), out.loss)
     with pytest.raises(InvalidArgumentError, match="needs the call's labels"), torch.no_grad(), im.record("loss"):
         im(**zoo.inputs(family, model))
+
+
+# ---- attention statistics ------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_attention_stats_equal_the_explicit_pattern(name):
+    """lse = logsumexp of the masked scores (from the recorded q and k), mass = the pattern summed
+    over each key span, on every query row that sees a key; new spans compile nothing."""
+    family = models.FAMILIES[name]
+    model = models.build(family, layers=2, heads=4, kv_heads=2, impl="sdpa")
+    kw = _inputs(family.causal)
+    im = attnfx.instrument(model, backend="eager")
+    spans = [[0, 2], [3, 7], [5, 5]]
+    with torch.no_grad(), im.record("attention_stats", "pattern", "q", "k", spans=spans) as rec:
+        im(**kw)
+    keys = kw["attention_mask"].bool()                                     # [b, S]
+    visible = keys[:, None, None, :].expand(-1, 4, 7, -1)
+    if family.causal:
+        visible = visible & torch.ones(7, 7, dtype=torch.bool).tril()
+    rows = visible.any(-1)                                                 # [b, H, T]: a query that sees a key
+    for layer in range(2):
+        q, k = rec["q", layer].transpose(1, 2), rec["k", layer].transpose(1, 2)
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        scores = (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).masked_fill(~visible, float("-inf"))
+        assert_close(rec["lse"][layer][rows], torch.logsumexp(scores, -1)[rows])
+        pattern = rec["pattern", layer]
+        for i, (start, end) in enumerate(spans):
+            mass = rec["mass"][layer][..., i].transpose(1, 2)                   # [b, H, T]
+            assert_close(mass[rows], pattern[..., start:end].sum(-1)[rows])
+    before = counters["attnfx"]["graphs_compiled"]
+    with torch.no_grad(), im.record("attention_stats", "pattern", "q", "k", spans=[[1, 3], [0, 7], [2, 6]]) as again:
+        im(**kw)
+    assert counters["attnfx"]["graphs_compiled"] == before
+    assert_close(again["mass"][0][..., 1].transpose(1, 2)[rows], torch.ones(int(rows.sum())))
+
+
+def test_attention_stats_refuse_what_the_kernel_cannot_take():
+    model = models.build(models.FAMILIES["gpt2"], layers=2, impl="eager")
+    im = attnfx.instrument(model, backend="eager")
+    from attnfx.errors import ShapeMismatchError, UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match="record 'pattern' instead"), im.record("attention_stats"):
+        im(**_inputs(True))
+    with pytest.raises(ShapeMismatchError, match="spans must be integer"):
+        im.record("attention_stats", spans=[[0.5, 2.0]])
+    with pytest.raises(InvalidArgumentError, match="start ≤ end"):
+        im.record("attention_stats", spans=[[3, 1]])
+    with pytest.raises(InvalidArgumentError, match="which was not asked for"):
+        im.record("q", spans=[[0, 1]])

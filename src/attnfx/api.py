@@ -399,13 +399,14 @@ class InstrumentedModel(nn.Module):
             out = self._call((), call)
         return BaseModelOutput(last_hidden_state=out.encoder_last_hidden_state)
 
-    def record(self, *kinds, directions=None, heads=None, positions=None, layers=None):
+    def record(self, *kinds, directions=None, heads=None, positions=None, layers=None, spans=None):
         """Context manager: `with im.record("z", "readout", directions=R) as rec: im(x)`. Kinds and
         layouts: recording.py; `layers` limits the per-layer components to those layers."""
         from .recording import Recording
 
         self._check_attached()
-        return Recording(self, kinds, directions=directions, heads=heads, positions=positions, layers=layers)
+        return Recording(self, kinds, directions=directions, heads=heads, positions=positions, layers=layers,
+                         spans=spans)
 
     def uninstrument(self) -> nn.Module:
         """Detach: the wrapper stops working, the model is returned as it was."""

@@ -19,6 +19,9 @@ over layers (None at a layer not asked for with layers=[...]; rec[kind, layer] f
                                        positions=[...] keeps those query rows. The graph computes
                                        the layer's whole t × s scores: ask for the layers you need.
 
+    rec["lse"]        [b, H, t] fp32   with "attention_stats": each query's log-sum-exp of its scores,
+    rec["mass"]       [b, t, H, n] fp32 and its attention on the key spans=[(start, end), ...], by the
+                                       attention_stats op (C++ / Triton), never the t × s pattern
     rec["loss"]       [b, t] fp32 (t − 1 for a causal LM, whose logits at t predict token t + 1):
                                        each token's cross-entropy with the call's labels, NaN where
                                        a label is ignored (−100); its nanmean is HF's loss
@@ -37,13 +40,13 @@ from .spec import RECORD_KINDS, Spec
 
 # public record name → the probe pass's component kind it captures
 COMPONENTS = {"resid_pre": "resid", "attn_out": "attn", "mlp_out": "mlp", "q": "queries", "k": "keys",
-              "v": "values", "pattern": "scores"}
+              "v": "values", "pattern": "scores", "attention_stats": "stats"}
 KINDS = RECORD_KINDS + tuple(COMPONENTS) + ("loss",)
 _IGNORED = -100                     # HF's ignore_index
 
 
 class Recording:
-    def __init__(self, im, kinds, *, directions=None, heads=None, positions=None, layers=None):
+    def __init__(self, im, kinds, *, directions=None, heads=None, positions=None, layers=None, spans=None):
         kinds = tuple(dict.fromkeys(kinds))
         bad = [k for k in kinds if k not in KINDS]
         if not kinds or bad:
@@ -72,6 +75,9 @@ class Recording:
             if missing:
                 raise InvalidArgumentError(f"no output projection found for layers {missing}; readouts need W_O")
         self._loss = "loss" in kinds
+        self._spans = self._check_spans(spans) if "attention_stats" in kinds else None
+        if spans is not None and self._spans is None:
+            raise InvalidArgumentError("spans= are the key spans of 'attention_stats', which was not asked for")
         self.spec = Spec(records=tuple(k for k in kinds if k in RECORD_KINDS), contrib_heads=contrib,
                          contrib_positions=positions if "contrib" in kinds else None, captures=components,
                          capture_layers=self._layers if components else None)
@@ -93,6 +99,16 @@ class Recording:
         return directions
 
     @staticmethod
+    def _check_spans(spans) -> torch.Tensor:
+        spans = torch.zeros(0, 2, dtype=torch.long) if spans is None else torch.as_tensor(spans)
+        if spans.is_floating_point() or spans.dtype == torch.bool or spans.dim() != 2 or spans.shape[1] != 2:
+            raise ShapeMismatchError(f"spans must be integer [n, 2] (start, end) key ranges, got {spans.dtype} "
+                                     f"{list(spans.shape)}")
+        if bool((spans < 0).any()) or bool((spans[:, 1] < spans[:, 0]).any()):
+            raise InvalidArgumentError(f"spans must be 0 ≤ start ≤ end, got {spans.tolist()}")
+        return spans.long().contiguous()
+
+    @staticmethod
     def _check_heads(heads, sites) -> tuple[tuple[int, int], ...]:
         if not heads:
             raise InvalidArgumentError("recording 'contrib' needs heads=[(layer, head), ...]")
@@ -111,6 +127,8 @@ class Recording:
             if self._directions.device != device:
                 raise DeviceMismatchError(f"directions on {self._directions.device}, model on {device}")
             im.register_buffer("readout_directions", self._directions.float().contiguous(), persistent=False)
+        if self._spans is not None:
+            im.register_buffer("stats_spans", self._spans.to(im.z_scale.device), persistent=False)
         im._recording = self
         return self
 
@@ -119,6 +137,8 @@ class Recording:
         im._recording = None
         if self._directions is not None:
             delattr(im, "readout_directions")       # the directions belong to this recording only
+        if self._spans is not None:
+            delattr(im, "stats_spans")
         return False
 
     def __getitem__(self, kind):
@@ -127,6 +147,8 @@ class Recording:
             raise KeyError("nothing recorded yet: call the model inside the `with` block")
         if isinstance(kind, tuple):
             kind, layer = kind
+            if kind == "attention_stats":
+                raise KeyError("'attention_stats' records rec['lse'] and rec['mass']")
             value = self.calls[-1][kind][as_index(layer, len(self._im.sites), "layer")]
             if value is None:
                 raise KeyError(f"{kind!r} of layer {layer} was not recorded (layers={list(self._layers)})")
@@ -155,6 +177,10 @@ class Recording:
                                for i, h in enumerate(heads)}
         if "final_norm" in per_kind:
             call["final_norm"] = next(iter(per_kind["final_norm"].values()))
+        for name, kind in (("lse", "stats_lse"), ("mass", "stats_mass")):
+            if f"capture:{kind}" in per_kind:
+                found = {layer: t for (layer, _), t in per_kind[f"capture:{kind}"].items()}
+                call[name] = [found.get(layer) for layer in range(layers)]
         for name, kind in COMPONENTS.items():
             if f"capture:{kind}" in per_kind:
                 found = {layer: t for (layer, _), t in per_kind[f"capture:{kind}"].items()}

@@ -16,8 +16,9 @@ PROBE_KINDS = ("tokens", "heads", "attn", "mlp", "resid")
 # δ = 0 requiring grad: ∂f/∂δ = ∂f/∂x) or captured (returned as a record): also the attention
 # queries and keys, as the attention reads them.
 COMPONENT_KINDS = PROBE_KINDS + ("queries", "keys", "values")
-# Captured only: each layer's masked attention logits [b, H, T, S] (fp32).
-CAPTURE_ONLY = ("scores",)
+# Captured only: each layer's masked attention logits [b, H, T, S] (fp32), and its attention
+# statistics (log-sum-exp, mass on the key spans of state "stats_spans": passes/stats.py).
+CAPTURE_ONLY = ("scores", "stats")
 # Backward rules of the lrp pass: AttnLRP, CP-LRP (q, k detached), or the plain gradient.
 RULES = ("attnlrp", "cp-lrp", "gradient")
 
@@ -79,7 +80,7 @@ class Spec:
         return (STEERING_STATE + readout + tuple(gate_name(kind) for kind in self.probes)
                 + tuple(name for kind in self.patches for name in (f"patch_w_{kind}", f"patch_src_{kind}"))
                 + tuple(f"delta_{kind}" for kind in self.deltas) + (("grad_keep",) if self.graddrop else ())
-                + (("capture_at",) if self.capture_at else ()))
+                + (("capture_at",) if self.capture_at else ()) + (("stats_spans",) if "stats" in self.captures else ()))
 
     def touches(self) -> bool:
         """Whether the probe pass has anything to do."""

@@ -27,6 +27,7 @@ from ..blocks import Blocks, is_flat_stream
 from ..errors import UnsupportedModelError
 from ..sites import AttentionSite, _arg, example_value, value_operand
 from ..spec import Spec, gate_name
+from . import stats
 from ._build import call
 from .record import RecordKey, head_output
 
@@ -71,9 +72,11 @@ def apply(gm: GraphModule, sites: list[tuple[int, AttentionSite]], blocks: Block
             tokens = _tokens_shape(g, node, blocks) if kind not in HEAD_KINDS else None
             latest[node] = _instrument(g, node, kind, layer, spec, state, records, tokens)
             touched[kind].append(layer)
+    asked = [(layer, site) for layer, site in sites if spec.capture_layers is None or layer in spec.capture_layers]
     if "scores" in spec.captures:
-        _capture_scores(g, [(layer, site) for layer, site in sites
-                            if spec.capture_layers is None or layer in spec.capture_layers], records)
+        _capture_scores(g, asked, records)
+    if "stats" in spec.captures:
+        stats.capture(g, asked, state["stats_spans"], records)
     return touched, records
 
 
