@@ -303,3 +303,38 @@ def test_attention_stats_refuse_what_the_kernel_cannot_take():
         im.record("attention_stats", spans=[[3, 1]])
     with pytest.raises(InvalidArgumentError, match="which was not asked for"):
         im.record("q", spans=[[0, 1]])
+
+
+# ---- the MLP's hidden activation and the stream it reads ----------------------------------------
+MLP_MODULES = {    # family → (model, layer) → (module whose INPUT is resid_mid or None, module whose input is mlp_hidden)
+    "gpt2": lambda m, l: (m.transformer.h[l].ln_2, m.transformer.h[l].mlp.c_proj),
+    "llama": lambda m, l: (m.model.layers[l].post_attention_layernorm, m.model.layers[l].mlp.down_proj),
+    "bert": lambda m, l: (m.encoder.layer[l].intermediate.dense, m.encoder.layer[l].output.dense),
+    "neox": lambda m, l: (None, m.gpt_neox.layers[l].mlp.dense_4h_to_h),
+}
+
+
+@pytest.mark.parametrize("name", list(MLP_MODULES))
+def test_resid_mid_and_mlp_hidden_equal_the_mlp_inputs(name):
+    """resid_mid: what the MLP (or its norm) reads — None for GPT-NeoX's parallel block, whose MLP
+    reads the layer's input; mlp_hidden: what the MLP's output projection reads."""
+    family = models.FAMILIES[name]
+    model = models.build(family, layers=2, heads=4, kv_heads=2, impl="sdpa")
+    kw = _inputs(family.causal)
+    inputs = {}
+    hooks = [module.register_forward_pre_hook(lambda mod, args, key=(kind, l): inputs.__setitem__(key, args[0]))
+             for l in range(2) for kind, module in zip(("resid_mid", "mlp_hidden"), MLP_MODULES[name](model, l))
+             if module is not None]
+    with torch.no_grad():
+        model(**kw)
+    for hook in hooks:
+        hook.remove()
+    im = attnfx.instrument(model, backend="eager")
+    with torch.no_grad(), im.record("resid_mid", "mlp_hidden") as rec:
+        im(**kw)
+    for layer in range(2):
+        if name == "neox":
+            assert rec["resid_mid"][layer] is None
+        else:
+            assert_close(rec["resid_mid", layer], inputs["resid_mid", layer])
+        assert_close(rec["mlp_hidden", layer], inputs["mlp_hidden", layer].view_as(rec["mlp_hidden", layer]))

@@ -43,6 +43,8 @@ class Blocks:
     attn_out: list[Node | None]
     mlp_out: list[Node | None]
     stream: tuple | None = None     # the final norm's input as a tree over these (stream_tree)
+    mlp_hidden: list[Node | None] | None = None   # what the MLP's output projection reads (post-activation)
+    resid_mid: list[Node | None] | None = None    # the stream the MLP reads, where not resid_pre (sequential blocks)
 
 
 def is_activation(node) -> bool:
@@ -216,7 +218,36 @@ def find_blocks(graph: Graph, sites: list[AttentionSite], user_inputs: set[Node]
         alone = sum(other[1] == leaf[1] for other in branches) == 1
         if alone and (mlp_out[leaf[1]] is None or _through(mlp_out[leaf[1]]) is not _through(leaf[2])):
             mlp_out[leaf[1]] = _as_stream(leaf[2], d_model, flat=True)
-    return Blocks(_token_node(graph, user_inputs), resid_pre, attn_out, mlp_out, stream)
+    mlp_hidden = [_mlp_hidden(node) for node in mlp_out]
+    resid_mid = [_mlp_reads(hidden) for hidden in mlp_hidden]
+    resid_mid = [None if mid is None or mid is pre else mid for mid, pre in zip(resid_mid, resid_pre)]
+    return Blocks(_token_node(graph, user_inputs), resid_pre, attn_out, mlp_out, stream, mlp_hidden, resid_mid)
+
+
+def _mlp_hidden(mlp_out: Node | None) -> Node | None:
+    """The input of the projection that made mlp_out, when an activation lies behind it (a whole
+    MoE layer's output has no one hidden tensor: None)."""
+    node = _through(mlp_out)
+    x = projection_input(node) if isinstance(node, Node) else None
+    return x if x is not None and _reads_activation(x) else None
+
+
+def _mlp_reads(hidden: Node | None, steps: int = 24) -> Node | None:
+    """The residual stream the MLP reads: behind the hidden activation, the input of its first
+    (up / gate) projection, before a norm that feeds only projections (as resid_pre is read)."""
+    frontier, seen = [hidden], set()
+    while frontier and len(seen) < steps:
+        node = frontier.pop(0)
+        if not isinstance(node, Node) or node in seen:
+            continue
+        seen.add(node)
+        x = projection_input(node)
+        if x is not None and node is not hidden:
+            return _read_off(x)
+        if is_activation(node) or _is_call(node, ELEMENTWISE_FNS, ELEMENTWISE_METHODS) or _is_view_like(node) \
+                or node is hidden:
+            frontier.extend(a for a in node.args if isinstance(a, Node))
+    return None
 
 
 def _final_stream(graph, sites, attn_out, resid_pre):

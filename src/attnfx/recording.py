@@ -12,6 +12,10 @@ over layers (None at a layer not asked for with layers=[...]; rec[kind, layer] f
     rec["resid_pre"]  [b, t, d_model]  the residual stream entering the layer (HF hidden_states[l])
     rec["attn_out"]   [b, t, d_model]  the attention's output projection, bias included
     rec["mlp_out"]    [b, t, d_model]  the MLP's output (a whole MoE layer's)
+    rec["resid_mid"]  [b, t, d_model]  the stream the MLP reads (before its norm), where that is not
+                                       resid_pre (None for parallel attention + MLP blocks)
+    rec["mlp_hidden"] [b, t, d_mlp]    what the MLP's output projection reads (after the activation
+                                       and any gate; None for a MoE layer)
     rec["q"]          [b, t, H, d]     queries as the attention reads them (after RoPE, steered)
     rec["k"], ["v"]   [b, s, H_kv, d]  keys and values per kv head (query head h reads kv head
                                        h // (H / H_kv)), after any KV cache: s counts past tokens
@@ -40,7 +44,8 @@ from .spec import RECORD_KINDS, Spec
 
 # public record name → the probe pass's component kind it captures
 COMPONENTS = {"resid_pre": "resid", "attn_out": "attn", "mlp_out": "mlp", "q": "queries", "k": "keys",
-              "v": "values", "pattern": "scores", "attention_stats": "stats"}
+              "v": "values", "pattern": "scores", "attention_stats": "stats", "resid_mid": "resid_mid",
+              "mlp_hidden": "mlp_hidden"}
 KINDS = RECORD_KINDS + tuple(COMPONENTS) + ("loss",)
 _IGNORED = -100                     # HF's ignore_index
 
@@ -55,6 +60,7 @@ class Recording:
         self.calls: list[dict] = []
         sites = im.sites
         components = tuple(COMPONENTS[k] for k in kinds if k in COMPONENTS)
+        self._asked = kinds
         if layers is not None and not components:
             raise InvalidArgumentError(f"layers= selects the layers of {tuple(COMPONENTS)}; none was asked for")
         self._layers = tuple(sorted({as_index(layer, len(sites), "layer") for layer in layers})) \
@@ -182,8 +188,8 @@ class Recording:
                 found = {layer: t for (layer, _), t in per_kind[f"capture:{kind}"].items()}
                 call[name] = [found.get(layer) for layer in range(layers)]
         for name, kind in COMPONENTS.items():
-            if f"capture:{kind}" in per_kind:
-                found = {layer: t for (layer, _), t in per_kind[f"capture:{kind}"].items()}
+            if name in self._asked and name != "attention_stats":     # None where the pattern is absent
+                found = {layer: t for (layer, _), t in per_kind.get(f"capture:{kind}", {}).items()}
                 convert = {"pattern": self._pattern, "k": self._per_kv_head, "v": self._per_kv_head}.get(
                     name, lambda layer, t: t)
                 call[name] = [convert(layer, found[layer]) if layer in found else None for layer in range(layers)]

@@ -17,8 +17,9 @@ PROBE_KINDS = ("tokens", "heads", "attn", "mlp", "resid")
 # queries and keys, as the attention reads them.
 COMPONENT_KINDS = PROBE_KINDS + ("queries", "keys", "values")
 # Captured only: each layer's masked attention logits [b, H, T, S] (fp32), and its attention
-# statistics (log-sum-exp, mass on the key spans of state "stats_spans": passes/stats.py).
-CAPTURE_ONLY = ("scores", "stats")
+# statistics (log-sum-exp, mass on the key spans of state "stats_spans": passes/stats.py); the
+# MLP's hidden activation and the stream it reads (blocks.py).
+CAPTURE_ONLY = ("scores", "stats", "mlp_hidden", "resid_mid")
 # Backward rules of the lrp pass: AttnLRP, CP-LRP (q, k detached), or the plain gradient.
 RULES = ("attnlrp", "cp-lrp", "gradient")
 

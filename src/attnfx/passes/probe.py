@@ -44,7 +44,9 @@ def targets(sites, blocks: Blocks, steered: dict[int, Node]) -> dict[str, list[t
             "keys": [(layer, site.k) for layer, site in sites],
             "values": [(layer, _value_operand(site)) for layer, site in sites],
             "heads": [(layer, head_output(site, steered.get(layer))) for layer, site in sites],
-            "attn": list(zip(layers, blocks.attn_out)), "mlp": list(zip(layers, blocks.mlp_out))}
+            "attn": list(zip(layers, blocks.attn_out)), "mlp": list(zip(layers, blocks.mlp_out)),
+            "mlp_hidden": list(zip(layers, blocks.mlp_hidden or [])),
+            "resid_mid": list(zip(layers, blocks.resid_mid or []))}
 
 
 def apply(gm: GraphModule, sites: list[tuple[int, AttentionSite]], blocks: Blocks, steered: dict[int, Node],
