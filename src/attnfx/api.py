@@ -480,6 +480,8 @@ class InstrumentedModel(nn.Module):
         spec = self._recording.spec if self._recording is not None else PLAIN
         if self.steering.value_unbiased_in_use:
             spec = _with_value_unbiased(spec)
+        if self.steering.vector_kinds:
+            spec = replace(spec, vectors=self.steering.vector_kinds)
         if spec is not self._spec:
             self._set_spec(spec)
         key = (self._spec_key, _call_signature(args, kwargs))

@@ -20,6 +20,8 @@ COMPONENT_KINDS = PROBE_KINDS + ("queries", "keys", "values")
 # statistics (log-sum-exp, mass on the key spans of state "stats_spans": passes/stats.py); the
 # MLP's hidden activation and the stream it reads (blocks.py).
 CAPTURE_ONLY = ("scores", "stats", "mlp_hidden", "resid_mid")
+# Components a steering vector can be added to (x ← x + v_l, v_l [d_model], every position).
+VECTOR_KINDS = ("resid", "attn", "mlp")
 # Backward rules of the lrp pass: AttnLRP, CP-LRP (q, k detached), or the plain gradient.
 RULES = ("attnlrp", "cp-lrp", "gradient")
 
@@ -39,6 +41,7 @@ class Spec:
     capture_layers: tuple[int, ...] | None = None  # captured layers only (None: every layer)
     graddrop: bool = False                       # per-layer gradient switch on attn/MLP outputs
     value_unbiased: bool = False                 # on="value_unbiased" in use: κ = β·W_V + b_V in the graph
+    vectors: tuple[str, ...] = ()                # kinds with a steering vector added (state vector_{kind} [L, d])
 
     def __post_init__(self):
         unknown = sorted(set(self.records) - set(RECORD_KINDS))
@@ -51,6 +54,9 @@ class Spec:
         unknown += sorted(set(self.captures) - set(COMPONENT_KINDS + CAPTURE_ONLY))
         if unknown:
             raise ValueError(f"unknown component kind(s) {unknown}; expected any of {COMPONENT_KINDS + CAPTURE_ONLY}")
+        unknown = sorted(set(self.vectors) - set(VECTOR_KINDS))
+        if unknown:
+            raise ValueError(f"unknown steering vector kind(s) {unknown}; expected any of {VECTOR_KINDS}")
         if self.rule not in RULES:
             raise ValueError(f"unknown rule {self.rule!r}; expected one of {RULES}")
         if self.capture_at and not self.captures:
@@ -66,7 +72,7 @@ class Spec:
         raw = json.loads(key)
         raw["records"] = tuple(raw["records"])
         raw["contrib_heads"] = tuple(tuple(p) for p in raw["contrib_heads"])
-        for name in ("probes", "patches", "deltas", "captures"):
+        for name in ("probes", "patches", "deltas", "captures", "vectors"):
             raw[name] = tuple(raw[name])
         if raw["capture_layers"] is not None:
             raw["capture_layers"] = tuple(raw["capture_layers"])
@@ -81,11 +87,12 @@ class Spec:
         return (STEERING_STATE + readout + tuple(gate_name(kind) for kind in self.probes)
                 + tuple(name for kind in self.patches for name in (f"patch_w_{kind}", f"patch_src_{kind}"))
                 + tuple(f"delta_{kind}" for kind in self.deltas) + (("grad_keep",) if self.graddrop else ())
-                + (("capture_at",) if self.capture_at else ()) + (("stats_spans",) if "stats" in self.captures else ()))
+                + (("capture_at",) if self.capture_at else ()) + (("stats_spans",) if "stats" in self.captures else ())
+                + tuple(f"vector_{kind}" for kind in self.vectors))
 
     def touches(self) -> bool:
         """Whether the probe pass has anything to do."""
-        return bool(self.probes or self.patches or self.deltas or self.captures or self.graddrop)
+        return bool(self.probes or self.patches or self.deltas or self.captures or self.graddrop or self.vectors)
 
 
 def gate_name(kind: str) -> str:

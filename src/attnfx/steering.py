@@ -18,6 +18,7 @@ from .spec import STEERING_STATE
 SCALE_TARGETS = {"z": "z_scale", "value": "v_scale", "value_unbiased": "v_scale_unbiased",
                  "query": "q_scale"}
 ABLATIONS = ("zero", "mean")
+VECTOR_SITES = {"resid_pre": "resid", "attn_out": "attn", "mlp_out": "mlp"}   # at= → the probe pass's kind
 
 
 class Steering:
@@ -27,6 +28,7 @@ class Steering:
         # (buffer, version) of v_scale_unbiased when it was last known to be all ones. Any write
         # since bumps the version counter: a host-side check, where reading the values would sync.
         self._unbiased_identity: tuple | None = None
+        self._vectors: set[str] = set()             # component kinds given a steering vector
 
     @property
     def value_unbiased_in_use(self) -> bool:
@@ -136,10 +138,48 @@ class Steering:
         im.z_source[layers[0], :, :, heads, :source.shape[-1]] = source.to(im.z_source.dtype)
         im.z_replace[layers[0], heads] = 1.0
 
+    def add(self, layer, vector: torch.Tensor, *, at: str = "resid_pre", scale: float = 1.0) -> None:
+        """Activation addition: x ← x + scale · vector at every position of `at` ("resid_pre", the
+        stream entering the layer; "attn_out" / "mlp_out", what its attention / MLP writes) of each
+        layer named. Adds to what is there (contrastive pairs: add(l, a), add(l, b, scale=-1));
+        reset() clears. The first vector at a kind compiles once; later ones compile nothing."""
+        if at not in VECTOR_SITES:
+            raise InvalidArgumentError(f"at must be one of {tuple(VECTOR_SITES)}, got {at!r}")
+        self._im._check_attached()
+        sites = self._im.sites
+        layers = as_indices(layer, len(sites), "layer")
+        factor = self._factor(scale)
+        d_model = sites[layers[0]].d_model
+        if not isinstance(vector, torch.Tensor):
+            raise SteeringValueError(f"vector must be a tensor, got {type(vector).__name__}")
+        if not vector.is_floating_point():
+            raise DTypeMismatchError(f"vector must be floating point, got {vector.dtype}")
+        if vector.shape != (d_model,):
+            raise ShapeMismatchError(f"vector must be [{d_model}] (d_model), got {list(vector.shape)}")
+        device = self._im.z_scale.device
+        if vector.device != device:
+            raise DeviceMismatchError(f"vector on {vector.device}, model state on {device}")
+        if not bool(torch.isfinite(vector).all()):
+            raise SteeringValueError("vector holds NaN or inf")
+        kind = VECTOR_SITES[at]
+        name = f"vector_{kind}"
+        if getattr(self._im, name, None) is None:
+            self._im.register_buffer(name, torch.zeros(len(sites), d_model, device=device), persistent=False)
+        getattr(self._im, name)[layers] += factor * vector.float()
+        self._vectors.add(kind)
+
+    @property
+    def vector_kinds(self) -> tuple[str, ...]:
+        """The kinds a steering vector was added to since the last reset (the graph adds them)."""
+        return tuple(sorted(self._vectors))
+
     def reset(self) -> None:
         """Every knob back to identity."""
         im = self._im
         im._check_attached()
+        for kind in self._vectors:
+            getattr(im, f"vector_{kind}").zero_()
+        self._vectors = set()
         for name in ("q_scale", "v_scale", "v_scale_unbiased", "z_scale"):
             getattr(im, name).fill_(1.0)
         im.z_replace.zero_()
@@ -156,10 +196,14 @@ class Steering:
         im = self._im
         im._check_attached()
         saved = {name: getattr(im, name).clone() for name in STEERING_STATE}
-        was_identity = not self.value_unbiased_in_use
+        saved.update({f"vector_{kind}": getattr(im, f"vector_{kind}").clone() for kind in self._vectors})
+        was_identity, kinds = not self.value_unbiased_in_use, set(self._vectors)
         try:
             yield self
         finally:
+            for kind in self._vectors - kinds:                # vectors added inside: gone again
+                getattr(im, f"vector_{kind}").zero_()
+            self._vectors = kinds
             for name, value in saved.items():
                 current = getattr(im, name)
                 if current.shape == value.shape:
@@ -172,6 +216,10 @@ class Steering:
     def scaled(self, layer, head, factor, *, on: str = "z"):
         """`with im.steering.scaled(l, h, 3.0, on="value_unbiased"):` — scale() for the block only."""
         return self._scoped(self.scale, layer, head, factor, on=on)
+
+    def added(self, layer, vector, *, at: str = "resid_pre", scale: float = 1.0):
+        """`with im.steering.added(l, v, at="resid_pre"):` — add() for the block only."""
+        return self._scoped(self.add, layer, vector, at=at, scale=scale)
 
     def ablated(self, layer, head, how: str = "zero", *, reference=None):
         """ablate() for the duration of a `with` block."""

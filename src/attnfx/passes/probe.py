@@ -54,14 +54,14 @@ def apply(gm: GraphModule, sites: list[tuple[int, AttentionSite]], blocks: Block
     """Instrument every component the spec names; returns, per kind, the layers instrumented
     (-1: tokens), and the captured records."""
     g, latest, touched, records = gm.graph, {}, {}, []
-    wanted = set(spec.probes) | set(spec.patches) | set(spec.deltas) | set(spec.captures)
+    wanted = set(spec.probes) | set(spec.patches) | set(spec.deltas) | set(spec.captures) | set(spec.vectors)
     if spec.graddrop:
         wanted |= {"attn", "mlp"}
     for kind, found in targets(sites, blocks, steered).items():
         if kind not in wanted:
             continue
         touched[kind] = []
-        captured_only = kind not in spec.probes + spec.patches + spec.deltas and not (
+        captured_only = kind not in spec.probes + spec.patches + spec.deltas + spec.vectors and not (
             spec.graddrop and kind in ("attn", "mlp"))
         for layer, node in found:
             if not isinstance(node, Node):
@@ -121,6 +121,8 @@ def _instrument(g, x: Node, kind: str, layer: int, spec: Spec, state, records, t
         if kind in spec.deltas:
             delta = _layout(g, _pick(g, state[f"delta_{kind}"], layer, fit, per_dim=True), heads, per_dim=True)
             y = call(g, operator.add, y, call(g, "to", delta, dtype))
+        if kind in spec.vectors:                # a steering vector: [d] over every position
+            y = call(g, operator.add, y, call(g, "to", call(g, operator.getitem, state[f"vector_{kind}"], layer), dtype))
         if kind in spec.captures:
             kept = call(g, "transpose", y, 1, 2) if heads else y                # [b, t(, H), d]
             if spec.capture_at:                 # one position per row: O(b·d), not the whole sequence
