@@ -338,3 +338,33 @@ def test_resid_mid_and_mlp_hidden_equal_the_mlp_inputs(name):
         else:
             assert_close(rec["resid_mid", layer], inputs["resid_mid", layer])
         assert_close(rec["mlp_hidden", layer], inputs["mlp_hidden", layer].view_as(rec["mlp_hidden", layer]))
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "bert"])
+def test_resid_post_is_the_stream_leaving_each_block(name):
+    """hidden_states[l + 1]; after a decoder's last layer the final norm's input (HF's last hidden
+    state is after the final norm); after an encoder's last layer there is no later stream: None."""
+    family = models.FAMILIES[name]
+    model = models.build(family, layers=3, heads=4, kv_heads=2, impl="sdpa")
+    kw = _inputs(family.causal)
+    final = {}
+    if name != "bert":
+        norm = model.transformer.ln_f if name == "gpt2" else model.model.norm
+        hook = norm.register_forward_hook(lambda mod, args, out: final.__setitem__("x", args[0].detach()))
+    with torch.no_grad():
+        hidden = model(**kw, output_hidden_states=True).hidden_states
+    if name != "bert":
+        hook.remove()
+    im = attnfx.instrument(model, backend="eager")
+    with torch.no_grad(), im.record("resid_post") as rec:
+        im(**kw)
+    for layer in range(2):
+        assert_close(rec["resid_post", layer], hidden[layer + 1])
+    if name == "bert":
+        assert rec["resid_post"][2] is None
+    else:
+        assert_close(rec["resid_post", 2], final["x"])
+    with torch.no_grad(), im.record("resid_post", "resid_pre", layers=[1]) as one:
+        im(**kw)
+    assert one["resid_pre"][2] is None and one["resid_post"][0] is None
+    assert torch.equal(one["resid_post", 1], rec["resid_post", 1])

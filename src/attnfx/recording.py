@@ -12,6 +12,9 @@ over layers (None at a layer not asked for with layers=[...]; rec[kind, layer] f
     rec["resid_pre"]  [b, t, d_model]  the residual stream entering the layer (HF hidden_states[l])
     rec["attn_out"]   [b, t, d_model]  the attention's output projection, bias included
     rec["mlp_out"]    [b, t, d_model]  the MLP's output (a whole MoE layer's)
+    rec["resid_post"] [b, t, d_model]  the stream leaving the layer's block: the next layer's
+                                       resid_pre, the final norm's input after the last (None after
+                                       an encoder's last layer and at cross-attention sites)
     rec["resid_mid"]  [b, t, d_model]  the stream the MLP reads (before its norm), where that is not
                                        resid_pre (None for parallel attention + MLP blocks)
     rec["mlp_hidden"] [b, t, d_mlp]    what the MLP's output projection reads (after the activation
@@ -42,11 +45,25 @@ from .indices import as_index, padded_stack
 from .spec import RECORD_KINDS, Spec
 
 
+def _next_stream(im, layer: int):
+    """Where the stream leaving a self-attention layer's block is read: the next self-attention
+    layer of its stack (its resid_pre), "final" (the final norm's input) after a decoder's last,
+    None otherwise (an encoder's last layer, a cross-attention site: not a block boundary)."""
+    sites = im.sites
+    site = sites[layer]
+    if site.attends != "self":
+        return None
+    later = [s.layer for s in sites[layer + 1:] if s.stack == site.stack and s.attends == "self"]
+    if later:
+        return later[0]
+    return "final" if site.stack != "encoder" and im.final_norm is not None else None
+
+
 # public record name → the probe pass's component kind it captures
 COMPONENTS = {"resid_pre": "resid", "attn_out": "attn", "mlp_out": "mlp", "q": "queries", "k": "keys",
               "v": "values", "pattern": "scores", "attention_stats": "stats", "resid_mid": "resid_mid",
               "mlp_hidden": "mlp_hidden"}
-KINDS = RECORD_KINDS + tuple(COMPONENTS) + ("loss",)
+KINDS = RECORD_KINDS + tuple(COMPONENTS) + ("resid_post", "loss")
 _IGNORED = -100                     # HF's ignore_index
 
 
@@ -61,7 +78,7 @@ class Recording:
         sites = im.sites
         components = tuple(COMPONENTS[k] for k in kinds if k in COMPONENTS)
         self._asked = kinds
-        if layers is not None and not components:
+        if layers is not None and not components and "resid_post" not in kinds:
             raise InvalidArgumentError(f"layers= selects the layers of {tuple(COMPONENTS)}; none was asked for")
         self._layers = tuple(sorted({as_index(layer, len(sites), "layer") for layer in layers})) \
             if layers is not None else None
@@ -84,9 +101,20 @@ class Recording:
         self._spans = self._check_spans(spans) if "attention_stats" in kinds else None
         if spans is not None and self._spans is None:
             raise InvalidArgumentError("spans= are the key spans of 'attention_stats', which was not asked for")
-        self.spec = Spec(records=tuple(k for k in kinds if k in RECORD_KINDS), contrib_heads=contrib,
+        records = tuple(k for k in kinds if k in RECORD_KINDS)
+        capture_layers = self._layers
+        self._post_of = {}
+        if "resid_post" in kinds:
+            self._post_of = {layer: _next_stream(im, layer) for layer in (self._layers or range(len(sites)))}
+            if "final" in self._post_of.values() and "final_norm" not in records:
+                records += ("final_norm",)
+            if capture_layers is not None:
+                capture_layers = tuple(sorted(set(capture_layers) | {n for n in self._post_of.values()
+                                                                     if isinstance(n, int)}))
+            components = tuple(dict.fromkeys(components + ("resid",)))
+        self.spec = Spec(records=records, contrib_heads=contrib,
                          contrib_positions=positions if "contrib" in kinds else None, captures=components,
-                         capture_layers=self._layers if components else None)
+                         capture_layers=capture_layers if components else None)
 
     @staticmethod
     def _check_directions(directions, sites) -> torch.Tensor:
@@ -187,9 +215,17 @@ class Recording:
             if f"capture:{kind}" in per_kind:
                 found = {layer: t for (layer, _), t in per_kind[f"capture:{kind}"].items()}
                 call[name] = [found.get(layer) for layer in range(layers)]
+        if self._post_of:
+            resid = {layer: t for (layer, _), t in per_kind.get("capture:resid", {}).items()}
+            final = next(iter(per_kind.get("final_norm", {}).values()), None)
+            call["resid_post"] = [resid.get(n) if isinstance(n, int) else final if n == "final" else None
+                                  for n in (self._post_of.get(layer) for layer in range(layers))]
+        if "final_norm" in call and "final_norm" not in self._asked:
+            del call["final_norm"]                     # taken for resid_post only
         for name, kind in COMPONENTS.items():
             if name in self._asked and name != "attention_stats":     # None where the pattern is absent
-                found = {layer: t for (layer, _), t in per_kind.get(f"capture:{kind}", {}).items()}
+                found = {layer: t for (layer, _), t in per_kind.get(f"capture:{kind}", {}).items()
+                         if self._layers is None or layer in self._layers}
                 convert = {"pattern": self._pattern, "k": self._per_kv_head, "v": self._per_kv_head}.get(
                     name, lambda layer, t: t)
                 call[name] = [convert(layer, found[layer]) if layer in found else None for layer in range(layers)]
