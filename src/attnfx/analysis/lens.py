@@ -36,10 +36,8 @@ def unembed(im, x: torch.Tensor, sigma: torch.Tensor | None = None) -> torch.Ten
     param = lambda name: params[name].detach().to(wide)          # noqa: E731
     x = x.to(wide)
     if info.kind != "identity":
-        centred = x - x.mean(-1, keepdim=True) if info.kind == "layer_norm" else x
-        if sigma is None:
-            sigma = torch.sqrt(centred.pow(2).mean(-1) + info.eps)
-        x = centred / sigma.to(wide)[..., None]
+        sigma = final_sigma(im, x) if sigma is None else sigma.to(wide)
+        x = (x - x.mean(-1, keepdim=True) if info.kind == "layer_norm" else x) / sigma[..., None]
         x = x * (info.weight_offset + (param(info.weight) if info.weight is not None else 1.0))
         if info.bias is not None:
             x = x + param(info.bias)
