@@ -94,3 +94,41 @@ def test_added_is_undone_on_exit_also_when_the_body_raises():
         assert torch.equal(im(input_ids=ids).logits, once)
         im.steering.reset()
         assert torch.equal(im(input_ids=ids).logits, plain)
+
+
+# ---- resample ablation ---------------------------------------------------------------------------
+def test_resample_ablation_reads_each_head_from_another_example_of_the_reference():
+    """Example i's head output becomes the unsteered z of reference example π(i) ≠ i: equal to a
+    pre-hook on the output projection writing those columns in; the derangement has no fixed point."""
+    from attnfx.steering import derangement
+
+    model = models.build(models.FAMILIES["llama"], layers=2, heads=4, kv_heads=2, impl="sdpa")
+    gen = lambda: torch.Generator().manual_seed(3)                       # noqa: E731
+    ids, reference = torch.randint(1, models.VOCAB, (2, 4, 6), generator=gen())
+    order = derangement(4, gen())
+    assert not bool((order == torch.arange(4)).any()) and sorted(order.tolist()) == [0, 1, 2, 3]
+    o_proj = model.model.layers[1].self_attn.o_proj
+    seen = {}
+    hook = o_proj.register_forward_pre_hook(lambda mod, args: seen.__setitem__("z", args[0].detach()))
+    with torch.no_grad():
+        model(input_ids=reference)
+    hook.remove()
+    columns = [c for h in (0, 2) for c in range(h * 8, (h + 1) * 8)]
+
+    def resampled(mod, args):
+        z = args[0].clone()
+        z[..., columns] = seen["z"][order][..., columns]
+        return (z,)
+
+    hook = o_proj.register_forward_pre_hook(resampled)
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    hook.remove()
+    im = attnfx.instrument(model, backend="eager")
+    im.steering.scale(1, 1, 3.0)                         # the reference z is taken unsteered
+    im.steering.ablate(1, [0, 2], how="resample", reference={"input_ids": reference}, generator=gen())
+    im.steering.scale(1, 1, 1.0)
+    with torch.no_grad():
+        assert_close(im(input_ids=ids).logits, want)
+    with pytest.raises(SteeringValueError, match="at least 2 examples"):
+        im.steering.ablate(0, 0, how="resample", reference={"input_ids": reference[:1]})

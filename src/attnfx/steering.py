@@ -17,7 +17,7 @@ from .spec import STEERING_STATE
 
 SCALE_TARGETS = {"z": "z_scale", "value": "v_scale", "value_unbiased": "v_scale_unbiased",
                  "query": "q_scale"}
-ABLATIONS = ("zero", "mean")
+ABLATIONS = ("zero", "mean", "resample")
 VECTOR_SITES = {"resid_pre": "resid", "attn_out": "attn", "mlp_out": "mlp"}   # at= → the probe pass's kind
 
 
@@ -103,11 +103,24 @@ class Steering:
         for l in layers:
             buffer[l, heads] = value
 
-    def ablate(self, layer, head, how: str = "zero", *, reference=None) -> None:
-        """Replace z_h by zeros, or by its mean over a reference batch (all valid positions)."""
+    def ablate(self, layer, head, how: str = "zero", *, reference=None, generator=None) -> None:
+        """Replace z_h by zeros, by its mean over a reference batch (all valid positions), or
+        (resample) by its value on another example of the reference batch: example i reads
+        example π(i) ≠ i, π a random derangement (`generator` seeds it); the calls that follow
+        must then have the reference's [batch, seq]."""
         if how not in ABLATIONS:
             raise InvalidArgumentError(f"how must be one of {ABLATIONS}, got {how!r}")
         layers, heads = self._pairs(layer, head)
+        if how == "resample":
+            if reference is None:
+                raise SteeringValueError("resample ablation needs reference=inputs (the batch to resample from)")
+            z = self._reference_z(reference)
+            if z[0].shape[0] < 2:
+                raise SteeringValueError("resample ablation needs a reference batch of at least 2 examples")
+            order = derangement(z[0].shape[0], generator).to(z[0].device)
+            for l in layers:
+                self.patch(l, heads, z[l][order][:, :, heads])
+            return
         if how == "mean":
             if reference is not None:
                 self._means = self.mean_z(reference)
@@ -221,9 +234,9 @@ class Steering:
         """`with im.steering.added(l, v, at="resid_pre"):` — add() for the block only."""
         return self._scoped(self.add, layer, vector, at=at, scale=scale)
 
-    def ablated(self, layer, head, how: str = "zero", *, reference=None):
+    def ablated(self, layer, head, how: str = "zero", *, reference=None, generator=None):
         """ablate() for the duration of a `with` block."""
-        return self._scoped(self.ablate, layer, head, how, reference=reference)
+        return self._scoped(self.ablate, layer, head, how, reference=reference, generator=generator)
 
     def patched(self, layer: int, head, z_source: torch.Tensor):
         """patch() for the duration of a `with` block."""
@@ -255,18 +268,22 @@ class Steering:
     def mean_z(self, reference) -> torch.Tensor:
         """Mean head output [L, H, d] over the reference batch's valid positions, unsteered (heads
         and dims a layer lacks are 0)."""
-        im = self._im
-        args, kwargs = as_call(reference)
-        with self.restoring():
-            self.reset()
-            with im.record("z") as rec:
-                im(*args, **kwargs)
-        z = padded_stack(rec["z"]).float()                         # [L, b, t, H, d] (widest layer)
-        mask = kwargs.get("attention_mask")
+        z = padded_stack(self._reference_z(reference)).float()      # [L, b, t, H, d] (widest layer)
+        mask = as_call(reference)[1].get("attention_mask")
         if mask is None:
             return z.mean(dim=(1, 2))
         weights = mask.to(z.dtype)[None, :, :, None, None]
         return (z * weights).sum(dim=(1, 2)) / weights.sum(dim=(1, 2))
+
+    def _reference_z(self, reference) -> list[torch.Tensor]:
+        """Each layer's unsteered head outputs [b, t, H, d] on the reference batch."""
+        im = self._im
+        args, kwargs = as_call(reference)
+        with self.restoring(), torch.no_grad():
+            self.reset()
+            with im.record("z") as rec:
+                im(*args, **kwargs)
+        return rec["z"]
 
     def _check_call(self, args, kwargs) -> None:
         """A per-position patch source must match the call's [batch, seq]."""
@@ -279,3 +296,12 @@ class Steering:
             raise ShapeMismatchError(
                 f"patch source is for [batch, seq] = {tuple(im.z_source.shape[1:3])}, "
                 f"this call has {tuple(first.shape[:2])}; steering.reset() or patch again")
+
+
+def derangement(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A uniformly random permutation of range(n) with no fixed point (n ≥ 2), by rejection:
+    about e tries."""
+    while True:
+        order = torch.randperm(n, generator=generator)
+        if not bool((order == torch.arange(n)).any()):
+            return order
