@@ -335,6 +335,8 @@ def test_resid_mid_and_mlp_hidden_equal_the_mlp_inputs(name):
     for layer in range(2):
         if name == "neox":
             assert rec["resid_mid"][layer] is None
+            with pytest.raises(KeyError, match="its pattern is absent there"):
+                rec["resid_mid", layer]
         else:
             assert_close(rec["resid_mid", layer], inputs["resid_mid", layer])
         assert_close(rec["mlp_hidden", layer], inputs["mlp_hidden", layer].view_as(rec["mlp_hidden", layer]))

@@ -185,7 +185,9 @@ class Recording:
                 raise KeyError("'attention_stats' records rec['lse'] and rec['mass']")
             value = self.calls[-1][kind][as_index(layer, len(self._im.sites), "layer")]
             if value is None:
-                raise KeyError(f"{kind!r} of layer {layer} was not recorded (layers={list(self._layers)})")
+                why = f"layers={list(self._layers)}" if self._layers is not None and layer not in self._layers \
+                    else "its pattern is absent there"
+                raise KeyError(f"{kind!r} of layer {layer} was not recorded ({why})")
             return value
         return self.calls[-1][kind]
 
