@@ -70,7 +70,7 @@ def test_bad_steering_vectors_raise_and_change_nothing():
     im = attnfx.instrument(model, backend="eager")
     d = model.config.hidden_size
     with pytest.raises(InvalidArgumentError, match="at must be one of"):
-        im.steering.add(0, torch.zeros(d), at="resid_post")
+        im.steering.add(0, torch.zeros(d), at="resid")
     with pytest.raises(ShapeMismatchError, match=f"vector must be \\[{d}\\]"):
         im.steering.add(0, torch.zeros(d + 1))
     with pytest.raises(SteeringValueError, match="NaN or inf"):

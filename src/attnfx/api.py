@@ -482,6 +482,9 @@ class InstrumentedModel(nn.Module):
             spec = _with_value_unbiased(spec)
         if self.steering.vector_kinds:
             spec = replace(spec, vectors=self.steering.vector_kinds)
+        if self.steering.positions.in_use:
+            spec = replace(spec, positions=True)
+            self.steering.positions.set_offset(kwargs)
         if spec is not self._spec:
             self._set_spec(spec)
         key = (self._spec_key, _call_signature(args, kwargs))

@@ -20,8 +20,13 @@ COMPONENT_KINDS = PROBE_KINDS + ("queries", "keys", "values")
 # statistics (log-sum-exp, mass on the key spans of state "stats_spans": passes/stats.py); the
 # MLP's hidden activation and the stream it reads (blocks.py).
 CAPTURE_ONLY = ("scores", "stats", "mlp_hidden", "resid_mid")
-# Components a steering vector can be added to (x ← x + v_l, v_l [d_model], every position).
-VECTOR_KINDS = ("resid", "attn", "mlp")
+# Components a steering vector can be added to (x ← x + Σ_g m_g · v_lg: state vector_{kind}
+# [L, G, d_model], group g's rows added at its positions m_g; "final": the final norm's input).
+VECTOR_KINDS = ("resid", "attn", "mlp", "final")
+# Position-selective steering (passes/positions.py): each position group's indices, whether it is
+# every position, the call's first absolute position, and each head knob's group per (layer, head).
+POSITION_STATE = ("where_index", "where_all", "where_offset", "at_q_scale", "at_v_scale",
+                  "at_v_scale_unbiased", "at_z_scale", "at_z_replace")
 # Backward rules of the lrp pass: AttnLRP, CP-LRP (q, k detached), or the plain gradient.
 RULES = ("attnlrp", "cp-lrp", "gradient")
 
@@ -41,7 +46,8 @@ class Spec:
     capture_layers: tuple[int, ...] | None = None  # captured layers only (None: every layer)
     graddrop: bool = False                       # per-layer gradient switch on attn/MLP outputs
     value_unbiased: bool = False                 # on="value_unbiased" in use: κ = β·W_V + b_V in the graph
-    vectors: tuple[str, ...] = ()                # kinds with a steering vector added (state vector_{kind} [L, d])
+    vectors: tuple[str, ...] = ()                # kinds with a steering vector added (state vector_{kind} [L, G, d])
+    positions: bool = False                      # some knob or vector acts on chosen positions only
 
     def __post_init__(self):
         unknown = sorted(set(self.records) - set(RECORD_KINDS))
@@ -88,7 +94,7 @@ class Spec:
                 + tuple(name for kind in self.patches for name in (f"patch_w_{kind}", f"patch_src_{kind}"))
                 + tuple(f"delta_{kind}" for kind in self.deltas) + (("grad_keep",) if self.graddrop else ())
                 + (("capture_at",) if self.capture_at else ()) + (("stats_spans",) if "stats" in self.captures else ())
-                + tuple(f"vector_{kind}" for kind in self.vectors))
+                + tuple(f"vector_{kind}" for kind in self.vectors) + (POSITION_STATE if self.positions else ()))
 
     def touches(self) -> bool:
         """Whether the probe pass has anything to do."""

@@ -13,12 +13,15 @@ from .errors import (DeviceMismatchError, DTypeMismatchError, InvalidArgumentErr
                      ShapeMismatchError, SiteIndexError, SteeringValueError)
 from .calls import as_call
 from .indices import as_indices, padded_stack
+from .positions import Positions
 from .spec import STEERING_STATE
 
 SCALE_TARGETS = {"z": "z_scale", "value": "v_scale", "value_unbiased": "v_scale_unbiased",
                  "query": "q_scale"}
 ABLATIONS = ("zero", "mean", "resample")
-VECTOR_SITES = {"resid_pre": "resid", "attn_out": "attn", "mlp_out": "mlp"}   # at= → the probe pass's kind
+VECTOR_SITES = ("resid_pre", "resid_post", "attn_out", "mlp_out")
+PROBE_KIND = {"resid_pre": "resid", "attn_out": "attn", "mlp_out": "mlp"}   # at= → the probe pass's kind
+VECTOR_GROUPS = 16                                  # = positions.CAPACITY: a vector row per position group
 
 
 class Steering:
@@ -29,6 +32,7 @@ class Steering:
         # since bumps the version counter: a host-side check, where reading the values would sync.
         self._unbiased_identity: tuple | None = None
         self._vectors: set[str] = set()             # component kinds given a steering vector
+        self.positions = Positions(im)              # position groups of positions= (runtime state)
 
     @property
     def value_unbiased_in_use(self) -> bool:
@@ -88,8 +92,9 @@ class Steering:
         return z_source
 
     # ---- knobs -----------------------------------------------------------------------------
-    def scale(self, layer, head, factor, *, on: str = "z") -> None:
-        """Multiply head(s) by `factor`. on="z": the head output z_h (query head); "value": the
+    def scale(self, layer, head, factor, *, on: str = "z", positions=None) -> None:
+        """Multiply head(s) by `factor` (at `positions` only: query positions for z and query, key
+        positions for the values; see attnfx.positions). on="z": the head output z_h (query head); "value": the
         value vectors of kv head(s) with their bias (= z of every query head of the group);
         "value_unbiased": only the input-dependent part of v, keeping κ = β·W_V + b_V constant
         (β: the bias of the norm feeding v; TransformerLens' folded biases, Yu et al. 2023; its
@@ -99,15 +104,17 @@ class Steering:
             raise InvalidArgumentError(f"on must be one of {sorted(SCALE_TARGETS)}, got {on!r}")
         layers, heads = self._pairs(layer, head, kv=on.startswith("value"))
         value = self._factor(factor)
+        group = self.positions.group(positions)
         buffer = getattr(self._im, SCALE_TARGETS[on])
         for l in layers:
             buffer[l, heads] = value
+        self.positions.assign(SCALE_TARGETS[on], layers, heads, group)
 
-    def ablate(self, layer, head, how: str = "zero", *, reference=None, generator=None) -> None:
+    def ablate(self, layer, head, how: str = "zero", *, reference=None, generator=None, positions=None) -> None:
         """Replace z_h by zeros, by its mean over a reference batch (all valid positions), or
         (resample) by its value on another example of the reference batch: example i reads
         example π(i) ≠ i, π a random derangement (`generator` seeds it); the calls that follow
-        must then have the reference's [batch, seq]."""
+        must then have the reference's [batch, seq]. `positions`: at those query positions only."""
         if how not in ABLATIONS:
             raise InvalidArgumentError(f"how must be one of {ABLATIONS}, got {how!r}")
         layers, heads = self._pairs(layer, head)
@@ -118,27 +125,32 @@ class Steering:
             if z[0].shape[0] < 2:
                 raise SteeringValueError("resample ablation needs a reference batch of at least 2 examples")
             order = derangement(z[0].shape[0], generator).to(z[0].device)
+            self.positions.group(positions)                  # validated before any patch is written
             for l in layers:
-                self.patch(l, heads, z[l][order][:, :, heads])
+                self.patch(l, heads, z[l][order][:, :, heads], positions=positions)
             return
         if how == "mean":
             if reference is not None:
                 self._means = self.mean_z(reference)
             if self._means is None:
                 raise SteeringValueError("mean ablation needs reference=inputs once (the batch to average over)")
+        group = self.positions.group(positions)
         im = self._im
         for l in layers:
             for h in heads:
                 im.z_source[l, :, :, h] = 0.0 if how == "zero" else self._means[l, h]     # [d_max], zero-padded
             im.z_replace[l, heads] = 1.0
+        self.positions.assign("z_replace", layers, heads, group)
 
-    def patch(self, layer: int, head, z_source: torch.Tensor) -> None:
+    def patch(self, layer: int, head, z_source: torch.Tensor, *, positions=None) -> None:
         """Replace z_h by a recorded head output, e.g. `rec["z"][layer][:, :, head]` of another
-        input: z_source is [batch, seq, head_dim] (one head) or [batch, seq, n_heads, head_dim]."""
+        input: z_source is [batch, seq, head_dim] (one head) or [batch, seq, n_heads, head_dim].
+        `positions`: at those query positions only."""
         layers, heads = self._pairs(layer, head)
         if len(layers) != 1:
             raise SiteIndexError("patch takes one layer at a time")
         source = self._source_tensor(z_source, len(heads), layers[0])
+        group = self.positions.group(positions)
         im = self._im
         current = im.z_source
         if current.shape[1:3] != source.shape[:2]:
@@ -150,17 +162,21 @@ class Steering:
             im.z_source = full               # new shape: the next call compiles once for it
         im.z_source[layers[0], :, :, heads, :source.shape[-1]] = source.to(im.z_source.dtype)
         im.z_replace[layers[0], heads] = 1.0
+        self.positions.assign("z_replace", layers, heads, group)
 
-    def add(self, layer, vector: torch.Tensor, *, at: str = "resid_pre", scale: float = 1.0) -> None:
-        """Activation addition: x ← x + scale · vector at every position of `at` ("resid_pre", the
-        stream entering the layer; "attn_out" / "mlp_out", what its attention / MLP writes) of each
-        layer named. Adds to what is there (contrastive pairs: add(l, a), add(l, b, scale=-1));
-        reset() clears. The first vector at a kind compiles once; later ones compile nothing."""
+    def add(self, layer, vector: torch.Tensor, *, at: str = "resid_pre", scale: float = 1.0,
+            positions=None) -> None:
+        """Activation addition: x ← x + scale · vector at every position (or at `positions`) of
+        `at` ("resid_pre", the stream entering the layer; "resid_post", the stream leaving its
+        block; "attn_out" / "mlp_out", what its attention / MLP writes) of each layer named. Adds
+        to what is there (contrastive pairs: add(l, a), add(l, b, scale=-1)); reset() clears.
+        The first vector at a kind compiles once; later ones compile nothing."""
         if at not in VECTOR_SITES:
-            raise InvalidArgumentError(f"at must be one of {tuple(VECTOR_SITES)}, got {at!r}")
+            raise InvalidArgumentError(f"at must be one of {VECTOR_SITES}, got {at!r}")
         self._im._check_attached()
         sites = self._im.sites
         layers = as_indices(layer, len(sites), "layer")
+        targets = self._vector_targets(layers, at)
         factor = self._factor(scale)
         d_model = sites[layers[0]].d_model
         if not isinstance(vector, torch.Tensor):
@@ -174,12 +190,32 @@ class Steering:
             raise DeviceMismatchError(f"vector on {vector.device}, model state on {device}")
         if not bool(torch.isfinite(vector).all()):
             raise SteeringValueError("vector holds NaN or inf")
-        kind = VECTOR_SITES[at]
-        name = f"vector_{kind}"
-        if getattr(self._im, name, None) is None:
-            self._im.register_buffer(name, torch.zeros(len(sites), d_model, device=device), persistent=False)
-        getattr(self._im, name)[layers] += factor * vector.float()
-        self._vectors.add(kind)
+        group = self.positions.group(positions)
+        for kind, rows in targets.items():
+            name = f"vector_{kind}"
+            if getattr(self._im, name, None) is None:
+                count = 1 if kind == "final" else len(sites)
+                self._im.register_buffer(name, torch.zeros(count, VECTOR_GROUPS, d_model, device=device),
+                                         persistent=False)
+            getattr(self._im, name)[rows, group] += factor * vector.float()
+            self._vectors.add(kind)
+
+    def _vector_targets(self, layers: list[int], at: str) -> dict[str, list[int]]:
+        """The probe pass's kind and rows a vector at `at` of these layers is added to: the stream
+        leaving layer l's block is the next layer's resid_pre, or after a decoder's last layer the
+        final norm's input ("final")."""
+        if at != "resid_post":
+            return {PROBE_KIND[at]: layers}
+        from .recording import _next_stream
+        targets: dict[str, list[int]] = {}
+        for l in layers:
+            following = _next_stream(self._im, l)
+            if following is None:
+                raise SiteIndexError(f"no stream leaves layer {l}'s block to steer (an encoder's last layer or a "
+                                     "cross-attention site); steer the next block's resid_pre or its output")
+            kind, row = ("final", 0) if following == "final" else ("resid", following)
+            targets.setdefault(kind, []).append(row)
+        return targets
 
     @property
     def vector_kinds(self) -> tuple[str, ...]:
@@ -193,6 +229,7 @@ class Steering:
         for kind in self._vectors:
             getattr(im, f"vector_{kind}").zero_()
         self._vectors = set()
+        self.positions.reset()
         for name in ("q_scale", "v_scale", "v_scale_unbiased", "z_scale"):
             getattr(im, name).fill_(1.0)
         im.z_replace.zero_()
@@ -211,9 +248,11 @@ class Steering:
         saved = {name: getattr(im, name).clone() for name in STEERING_STATE}
         saved.update({f"vector_{kind}": getattr(im, f"vector_{kind}").clone() for kind in self._vectors})
         was_identity, kinds = not self.value_unbiased_in_use, set(self._vectors)
+        positions = self.positions.saved()
         try:
             yield self
         finally:
+            self.positions.restore(positions)
             for kind in self._vectors - kinds:                # vectors added inside: gone again
                 getattr(im, f"vector_{kind}").zero_()
             self._vectors = kinds
@@ -226,21 +265,22 @@ class Steering:
             if was_identity:
                 self._mark_unbiased_identity()        # restored to all ones: κ may leave the graph
 
-    def scaled(self, layer, head, factor, *, on: str = "z"):
+    def scaled(self, layer, head, factor, *, on: str = "z", positions=None):
         """`with im.steering.scaled(l, h, 3.0, on="value_unbiased"):` — scale() for the block only."""
-        return self._scoped(self.scale, layer, head, factor, on=on)
+        return self._scoped(self.scale, layer, head, factor, on=on, positions=positions)
 
-    def added(self, layer, vector, *, at: str = "resid_pre", scale: float = 1.0):
+    def added(self, layer, vector, *, at: str = "resid_pre", scale: float = 1.0, positions=None):
         """`with im.steering.added(l, v, at="resid_pre"):` — add() for the block only."""
-        return self._scoped(self.add, layer, vector, at=at, scale=scale)
+        return self._scoped(self.add, layer, vector, at=at, scale=scale, positions=positions)
 
-    def ablated(self, layer, head, how: str = "zero", *, reference=None, generator=None):
+    def ablated(self, layer, head, how: str = "zero", *, reference=None, generator=None, positions=None):
         """ablate() for the duration of a `with` block."""
-        return self._scoped(self.ablate, layer, head, how, reference=reference, generator=generator)
+        return self._scoped(self.ablate, layer, head, how, reference=reference, generator=generator,
+                            positions=positions)
 
-    def patched(self, layer: int, head, z_source: torch.Tensor):
+    def patched(self, layer: int, head, z_source: torch.Tensor, *, positions=None):
         """patch() for the duration of a `with` block."""
-        return self._scoped(self.patch, layer, head, z_source)
+        return self._scoped(self.patch, layer, head, z_source, positions=positions)
 
     @contextlib.contextmanager
     def _scoped(self, knob, *args, **kwargs):
@@ -286,12 +326,16 @@ class Steering:
         return rec["z"]
 
     def _check_call(self, args, kwargs) -> None:
-        """A per-position patch source must match the call's [batch, seq]."""
+        """A per-position patch source must match the call's [batch, seq], per-row positions its batch."""
         im = self._im
-        if im._sites is None or im.z_source.shape[1:3] == (1, 1):
+        if im._sites is None:
             return
         first = next((v for v in list(args) + [kwargs.get("input_ids"), kwargs.get("inputs_embeds")]
                       if isinstance(v, torch.Tensor) and v.dim() >= 2), None)
+        if first is not None and self.positions.in_use:
+            self.positions.check_batch(first.shape[0])
+        if im.z_source.shape[1:3] == (1, 1):
+            return
         if first is not None and tuple(first.shape[:2]) != tuple(im.z_source.shape[1:3]):
             raise ShapeMismatchError(
                 f"patch source is for [batch, seq] = {tuple(im.z_source.shape[1:3])}, "

@@ -99,7 +99,8 @@ class Backend:
         user_inputs = owner._user_inputs(gm, named_inputs, set(state.values()))
         done = passes.rewrite(gm, layered, spec, state, owner._final_norm_input(gm), user_inputs,
                               lower=owner._lower or _relevance_on_cuda(spec, compile_inputs),
-                              rule_ops=self.mode != "inductor")
+                              rule_ops=self.mode != "inductor",
+                              cross=frozenset(i.layer for i in info.sites if i.attends == "cross"))
         if done.notes:
             warnings.warn("attnfx lower=True: " + "; ".join(done.notes), LoweringWarning, stacklevel=2)
         counters["attnfx"]["graphs_compiled"] += 1

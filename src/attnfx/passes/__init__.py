@@ -24,14 +24,15 @@ class Rewritten:
 
 def rewrite(gm: GraphModule, sites: list[tuple[int, AttentionSite]], spec: Spec, state: dict[str, Node],
             final_norm_input: Node | None, user_inputs: set[Node], *, lower: bool = False,
-            rule_ops: bool = True) -> Rewritten:
+            rule_ops: bool = True, cross: frozenset = frozenset()) -> Rewritten:
     """steer → record → probe → lower → lrp, then one lint and recompile."""
     found = [site for _, site in sites]
     blocks = find_blocks(gm.graph, found, user_inputs) if spec.touches() else None
-    steered = steer.apply(gm, sites, state, value_unbiased=spec.value_unbiased)
+    steered = steer.apply(gm, sites, state, value_unbiased=spec.value_unbiased, positions=spec.positions,
+                          cross=cross)
     out = Rewritten(record.apply(gm, sites, steered, spec, state, final_norm_input))
     if spec.touches():
-        out.probed, captured = probe.apply(gm, sites, blocks, steered, spec, state)
+        out.probed, captured = probe.apply(gm, sites, blocks, steered, spec, state, final_norm_input)
         out.record_keys += record.append_outputs(gm, captured)
     if lower:
         out.lowered, out.notes = lowering.apply(gm, sites)

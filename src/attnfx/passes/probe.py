@@ -29,6 +29,7 @@ from ..sites import AttentionSite, _arg, example_value, value_operand
 from ..spec import Spec, gate_name
 from . import stats
 from ._build import call
+from .positions import stream_addition
 from .record import RecordKey, head_output
 
 HEAD_KINDS = ("heads", "queries", "keys", "values")
@@ -50,14 +51,18 @@ def targets(sites, blocks: Blocks, steered: dict[int, Node]) -> dict[str, list[t
 
 
 def apply(gm: GraphModule, sites: list[tuple[int, AttentionSite]], blocks: Blocks, steered: dict[int, Node],
-          spec: Spec, state: dict[str, Node]) -> tuple[dict[str, list[int]], list[tuple[RecordKey, Node]]]:
+          spec: Spec, state: dict[str, Node], final_norm_input: Node | None = None
+          ) -> tuple[dict[str, list[int]], list[tuple[RecordKey, Node]]]:
     """Instrument every component the spec names; returns, per kind, the layers instrumented
-    (-1: tokens), and the captured records."""
+    (-1: tokens), and the captured records. "final" (the final norm's input, one row 0) takes
+    steering vectors only: the stream leaving a decoder's last block."""
     g, latest, touched, records = gm.graph, {}, {}, []
     wanted = set(spec.probes) | set(spec.patches) | set(spec.deltas) | set(spec.captures) | set(spec.vectors)
     if spec.graddrop:
         wanted |= {"attn", "mlp"}
-    for kind, found in targets(sites, blocks, steered).items():
+    found_targets = targets(sites, blocks, steered)
+    found_targets["final"] = [(0, final_norm_input)]
+    for kind, found in found_targets.items():
         if kind not in wanted:
             continue
         touched[kind] = []
@@ -121,8 +126,11 @@ def _instrument(g, x: Node, kind: str, layer: int, spec: Spec, state, records, t
         if kind in spec.deltas:
             delta = _layout(g, _pick(g, state[f"delta_{kind}"], layer, fit, per_dim=True), heads, per_dim=True)
             y = call(g, operator.add, y, call(g, "to", delta, dtype))
-        if kind in spec.vectors:                # a steering vector: [d] over every position
-            y = call(g, operator.add, y, call(g, "to", call(g, operator.getitem, state[f"vector_{kind}"], layer), dtype))
+        if kind in spec.vectors:                # steering vectors [G, d]: group 0 at every position
+            vectors = call(g, operator.getitem, state[f"vector_{kind}"], layer)
+            added = (stream_addition(g, state, vectors, y) if spec.positions
+                     else call(g, operator.getitem, vectors, 0))
+            y = call(g, operator.add, y, call(g, "to", added, dtype))
         if kind in spec.captures:
             kept = call(g, "transpose", y, 1, 2) if heads else y                # [b, t(, H), d]
             if spec.capture_at:                 # one position per row: O(b·d), not the whole sequence
