@@ -28,7 +28,7 @@ MIN_TESTS := tests/test_lower.py tests/test_compile.py tests/test_passes.py test
 	tests/test_lrp_rules.py tests/test_attention_stats.py tests/test_readout.py tests/test_backends.py \
 	tests/test_errors.py tests/test_generation.py tests/test_hf_parity.py tests/test_graph_breaks.py tests/test_cuda_build.py
 
-.PHONY: demo test test-min test-gpu gpu-check bench install clean check-cuda support-table
+.PHONY: demo test test-min test-gpu gpu-check bench install clean check-cuda support-table browser
 
 install: $(STAMP)
 
@@ -73,6 +73,13 @@ gpu-check:
 
 test-gpu: $(STAMP)   # on a CUDA machine: the compiled-Triton, bf16 and CUDA-op tests alone
 	$(PY) -m pytest -q -m gpu tests
+
+# browser: Debian's chromium, which tests/test_views.py renders the HTML views in (those tests skip
+# without it, unless ATTNFX_REQUIRE_BROWSER=1, as CI sets); sudo only where we are not root.
+browser:
+	@test -x /usr/bin/chromium || { SUDO=; if [ "$$(id -u)" != 0 ] && command -v sudo >/dev/null; then SUDO=sudo; fi; \
+	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium; }
+	/usr/bin/chromium --version
 
 support-table: $(STAMP)   # README's per-family table, rendered from tests/zoo.py
 	$(PY) tests/support_table.py --write
