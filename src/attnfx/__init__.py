@@ -14,7 +14,7 @@ from . import errors
 from .errors import *  # noqa: F401,F403  (typed errors are part of the public surface)
 
 __all__ = ["instrument", "InstrumentedModel", "SiteInfo", "FinalNormInfo", "PATTERNS", "errors", "set_backend",
-           "head_attribution", "logit_attribution", "LogitAttribution", "logit_lens", "relevance", "patching", "metrics",
+           "head_attribution", "logit_attribution", "LogitAttribution", "logit_lens", "relevance", "patching", "path_patching", "metrics",
            "models", "views"]
 __version__ = "0.1.0"
 
@@ -32,6 +32,7 @@ _LAZY = {
     "logit_lens": (".analysis.lens", "logit_lens"),
     "relevance": (".analysis.relevance", "relevance"),
     "patching": (".analysis.patching", None),
+    "path_patching": (".analysis.path_patching", "path_patching"),
     "metrics": (".analysis.metrics", None),
     "models": (".models", None),          # the README's first call: attnfx.models.load_default()
     "views": (".views", None),            # self-contained HTML views of patterns and relevance
