@@ -290,6 +290,29 @@ def test_attention_stats_equal_the_explicit_pattern(name):
     assert_close(again["mass"][0][..., 1].transpose(1, 2)[rows], torch.ones(int(rows.sum())))
 
 
+def test_attention_stats_record_is_the_same_by_cpp_and_by_triton():
+    """The record path's op dispatches per call: the default model's statistics by the C++ kernel
+    equal those by the Triton kernel (in its interpreter here), on a left-padded batch."""
+    from _ops import run_with
+
+    model, tok = load_default()
+    im = attnfx.instrument(model, backend="eager")
+    batch = tok(["the capital of teifiistan is", "when a and b went to the"], return_tensors="pt", padding=True)
+    spans = [[0, 3], [2, 6]]
+
+    def stats():
+        with torch.no_grad(), im.record("attention_stats", spans=spans, layers=[1, 3]) as rec:
+            im(**batch)
+        return rec["lse"], rec["mass"]
+
+    by_cpp, by_triton = run_with("cpp", stats), run_with("triton", stats)
+    for layer in (1, 3):
+        rows = torch.isfinite(by_cpp[0][layer])
+        assert rows.sum() > 0 and torch.equal(rows, torch.isfinite(by_triton[0][layer]))
+        assert_close(by_triton[0][layer][rows], by_cpp[0][layer][rows])
+        assert_close(by_triton[1][layer], by_cpp[1][layer])
+
+
 def test_attention_stats_refuse_what_the_kernel_cannot_take():
     model = models.build(models.FAMILIES["gpt2"], layers=2, impl="eager")
     im = attnfx.instrument(model, backend="eager")
