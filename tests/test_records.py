@@ -258,7 +258,7 @@ def test_token_loss_averages_to_the_models_loss(name):
 
 
 # ---- attention statistics ------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["gpt2", "llama"])
+@pytest.mark.parametrize("name", ["gpt2", "llama", "bert"])
 def test_attention_stats_equal_the_explicit_pattern(name):
     """lse = logsumexp of the masked scores (from the recorded q and k), mass = the pattern summed
     over each key span, on every query row that sees a key; new spans compile nothing."""

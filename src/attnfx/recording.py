@@ -252,7 +252,8 @@ class Recording:
                                                  reduction="none").view(labels.shape)
         loss = loss.masked_fill(labels == _IGNORED, float("nan"))
         model_loss = getattr(output, "loss", None)
-        if model_loss is not None and not torch.allclose(loss.nanmean(), model_loss.float(), rtol=1e-4, atol=1e-5):
+        if model_loss is not None and not torch.allclose(loss.nanmean(), model_loss.float(), rtol=1e-4,
+                                                         atol=1e-5, equal_nan=True):   # no label scored: both NaN
             raise UnsupportedModelError(f"per-token losses average to {loss.nanmean().item():.6g}, the model's loss is "
                                         f"{model_loss.item():.6g}: this model scores its labels another way")
         return loss

@@ -10,8 +10,10 @@ causal batch
 The kernel takes `causal` (query t sees keys j ≤ t + S − T) and a key mask [b, S]. A causal
 term matches when c_q − c_k = S − T holds for every shape (so q_idx read from a runtime
 cache_position, whose values the graph does not fix, never matches); a padding term when it
-reads a 2-d boolean tensor at (arange(b), kv_idx): its rows 0 … b and columns c_k … c_k + S. Anything else — sliding windows, chunked
-or bidirectional-block masks, additive float masks — is not recognised, and the site keeps SDPA.
+reads a 2-d boolean tensor at (arange(b), kv_idx): its rows 0 … b and columns c_k … c_k + S; an
+index compared with a constant it always exceeds (an encoder's q_idx ≥ 0) is neutral. Anything
+else — sliding windows, chunked or bidirectional-block masks, additive float masks — is not
+recognised, and the site keeps SDPA.
 """
 from __future__ import annotations
 
@@ -113,7 +115,12 @@ def _terms(node: Node) -> list[tuple] | None:
         return []
     swapped = _LE.get(node.target) if node.op == "call_function" else _LE_METHODS.get(node.target)
     if swapped is not None and len(node.args) == 2:
-        kv, q = (node.args[1], node.args[0]) if swapped else node.args
+        smaller, larger = (node.args[1], node.args[0]) if swapped else node.args
+        if isinstance(smaller, int):                       # idx ≥ c: HF's bidirectional term (q_idx ≥ 0)
+            index = _index(larger)
+            always = index is not None and isinstance(index.offset, int) and index.offset >= smaller
+            return [] if always else None
+        kv, q = smaller, larger
         kv, q = _index(kv), _index(q)
         return [("causal", q, kv)] if kv is not None and q is not None and kv.axis == 3 and q.axis == 2 else None
     if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[1], tuple):
