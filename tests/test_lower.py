@@ -144,13 +144,13 @@ def _padded(batch, length, pad, side):
     return mask
 
 
-@pytest.mark.parametrize("family", LOWERABLE)
+@pytest.mark.parametrize("family", LOWERABLE + ["bert"])
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_padded_batches_are_lowered(family, side, monkeypatch):
-    """HF's padded-batch mask (causal ∧ key padding) goes to the kernel as causal + key_mask:
-    equal to the unlowered model at every real position."""
-    model = build(FAMILIES[family], layers=2, heads=4, kv_heads=2 if family != "gpt2" else None, head_dim=16,
-                  impl="sdpa")
+    """HF's padded-batch mask (causal ∧ key padding; an encoder's: q_idx ≥ 0 ∧ key padding) goes
+    to the kernel as causal + key_mask: equal to the unlowered model at every real position."""
+    model = build(FAMILIES[family], layers=2, heads=4, kv_heads=2 if family not in ("gpt2", "bert") else None,
+                  head_dim=16, impl="sdpa")
     ids, mask = torch.randint(0, 64, (2, 11)), _padded(2, 11, 4, side)
     set_attention_backend("reference")
     calls, outs = _count_calls(monkeypatch, "reference"), []
