@@ -1,0 +1,378 @@
+"""Analyses over a dataset, in padded batches (issue 14):
+
+    from attnfx import data
+    means = data.reduce(im, prompts, tok, data.last_token(("resid_pre", "z")), reduce="mean")
+    data.save("means.safetensors", means, labels=prompts, metadata={"model": "default"})
+
+`batches` tokenizes a list of texts, a list of dicts or a HF `datasets.Dataset` column, batch by
+batch, padded on the tokenizer's side or the one asked for (the tokenizer is never changed: the
+side is a call argument). `reduce` runs an analysis `(im, batch) -> {name: [b, ...]}` on each
+batch and keeps a running sum ("mean", "sum": one result's memory, never every activation) or
+the rows on the CPU ("none"). A left-padded batch carries position_ids counting each row's real
+tokens from 0, as HF's generate does: without them a model with absolute or rotary positions
+sees a left-padded row shifted (the default GPT-2's last-token stream moves by up to 9), and a
+row's result would depend on the rows it is batched with. Results are saved as safetensors with
+labels and metadata as JSON in its header, never pickled.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .calls import last_positions
+from .errors import InvalidArgumentError, ShapeMismatchError
+from .indices import as_indices, padded_stack
+
+__all__ = ["Batch", "batches", "reduce", "last_token", "token_loss", "save", "load", "REDUCTIONS"]
+
+REDUCTIONS = ("mean", "sum", "none")
+SIDES = ("left", "right")
+# the per-layer records whose layout is [b, t, ...] (recording.py): what last_token reads
+TOKEN_KINDS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "mlp_hidden", "q", "k", "v", "z")
+_IGNORED = -100                             # HF's ignore_index
+_LABELS, _METADATA = "attnfx.labels", "attnfx.metadata"      # keys of the safetensors header
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One padded batch: `im(**batch.encoding)` runs it; `batch.last_positions` are its rows' last real tokens."""
+    encoding: Mapping           # the tokenizer's BatchEncoding: input_ids, attention_mask [b, t] (+ position_ids)
+    indices: torch.Tensor       # [b] long: each row's index in the source
+    texts: tuple[str, ...]
+    padding_side: str
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    @property
+    def last_positions(self) -> torch.Tensor:
+        """[b] long, on the CPU: each row's last real token (t − 1 for every left-padded row)."""
+        return last_positions((), dict(self.encoding))
+
+
+def batches(source, tokenizer, *, batch_size: int = 8, padding_side: str | None = None, column: str = "text",
+            max_length: int | None = None, position_ids: bool | None = None, device=None,
+            progress: bool | None = True):
+    """An iterator of `Batch`es over `source`, in order, each example once. source: a list of
+    texts, a list of dicts or a `datasets.Dataset` (read `column`, a slice at a time).
+    padding_side: None uses the tokenizer's. max_length truncates (on the tokenizer's side).
+    position_ids: None adds them to left-padded batches only, True to every batch, False never (a
+    model whose forward takes none). device: where the tensors go (None: the CPU). progress: a
+    tqdm bar over examples (None: on a terminal only).
+    Arguments are checked here, before the first batch is asked for."""
+    count, read = _reader(source, column)
+    side = _checked_options(tokenizer, batch_size, padding_side, max_length)
+    add_positions = side == "left" if position_ids is None else bool(position_ids)
+
+    def encode(texts):
+        encoding = tokenizer(texts, padding=len(texts) > 1, padding_side=side, truncation=max_length is not None,
+                             max_length=max_length, return_tensors="pt")
+        if add_positions:       # pads read position 0; the mask keeps them out of every real row
+            encoding["position_ids"] = (encoding["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
+        return encoding.to(device) if device is not None else encoding
+
+    return _iterate(count, read, encode, batch_size, side, progress)
+
+
+def _iterate(count, read, encode, batch_size, side, progress):
+    from tqdm.auto import tqdm
+
+    with tqdm(total=count, unit="example", disable=None if progress is None else not progress) as bar:
+        for start in range(0, count, batch_size):
+            stop = min(start + batch_size, count)
+            texts = tuple(read(start, stop))
+            yield Batch(encode(list(texts)), torch.arange(start, stop), texts, side)
+            bar.update(stop - start)
+
+
+def _reader(source, column: str):
+    """(number of examples, read(start, stop) -> their texts), after checking what can be checked."""
+    names = getattr(source, "column_names", None)
+    if isinstance(names, Mapping):
+        raise InvalidArgumentError(f"source is a DatasetDict of splits {list(names)}: pass one, e.g. source['train']")
+    if isinstance(source, (str, bytes, Mapping)):
+        hint = " (one text: wrap it in a list)" if isinstance(source, str) else ""
+        raise InvalidArgumentError(f"source must be a list of texts, a list of dicts or a datasets.Dataset, got "
+                                   f"{type(source).__name__}{hint}")
+    if not hasattr(source, "__len__") or not hasattr(source, "__getitem__"):
+        raise InvalidArgumentError(f"source must have a length and be indexable (a list or a datasets.Dataset), got "
+                                   f"{type(source).__name__}: an iterable dataset can be made a list first")
+    if len(source) == 0:
+        raise InvalidArgumentError("source is empty: there is nothing to batch")
+    if names is not None:                   # a datasets.Dataset: a slice is {column: [values]}
+        if column not in names:
+            raise InvalidArgumentError(f"column {column!r} is not among the dataset's columns {list(names)}: "
+                                       "pass column=")
+        return len(source), lambda start, stop: _texts(source[start:stop][column], start, column)
+    if not isinstance(source, Sequence):
+        raise InvalidArgumentError(f"source must be a list of texts or dicts, got {type(source).__name__}")
+    rows = [_text_of(row, i, column) for i, row in enumerate(source)]
+    return len(rows), lambda start, stop: rows[start:stop]
+
+
+def _text_of(row, index: int, column: str) -> str:
+    if isinstance(row, Mapping):
+        if column not in row:
+            raise InvalidArgumentError(f"example {index} has no {column!r} (its keys: {list(row)}): pass column=")
+        row = row[column]
+    return _texts([row], index, column)[0]
+
+
+def _texts(values, start: int, column: str) -> list[str]:
+    values = list(values)
+    for i, value in enumerate(values):
+        if not isinstance(value, str):
+            raise InvalidArgumentError(f"example {start + i} ({column!r}) is a {type(value).__name__}, expected a str")
+    return values
+
+
+def _checked_options(tokenizer, batch_size, padding_side, max_length) -> str:
+    for name, value in (("batch_size", batch_size), ("max_length", 1 if max_length is None else max_length)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InvalidArgumentError(f"{name} must be a positive int, got {value!r}")
+    side = getattr(tokenizer, "padding_side", None) if padding_side is None else padding_side
+    if side not in SIDES:
+        raise InvalidArgumentError(f"padding_side must be one of {SIDES} (or None: the tokenizer's), got {side!r}")
+    if batch_size > 1 and getattr(tokenizer, "pad_token", None) is None:
+        raise InvalidArgumentError(
+            f"{type(tokenizer).__name__} has no pad token, which batches of {batch_size} need: set one, e.g. "
+            "tokenizer.pad_token = tokenizer.eos_token (the attention mask keeps pads out), or pass batch_size=1")
+    return side
+
+
+# ---- reducing an analysis over the batches ----------------------------------------------------
+def reduce(im, source, tokenizer, analysis, *, reduce: str = "mean", batch_size: int = 8,
+           padding_side: str | None = None, column: str = "text", max_length: int | None = None,
+           position_ids: bool | None = None, progress: bool | None = True) -> dict[str, torch.Tensor]:
+    """analysis(im, batch) -> {name: [b, ...]} on every batch of `source` (see `batches`), reduced
+    over the examples, on the CPU: "mean" and "sum" keep a running fp64 sum (floating results come
+    back in at least fp32; a mean of integers in fp32) and need one shape per example throughout;
+    "none" keeps every row, in source order, and pads an axis that differs between batches
+    with NaN at its end (floating results only; a per-token result keeps each batch's pad
+    positions as the model computed them). position_ids=None: left-padded batches get them when
+    the model's forward takes position_ids."""
+    if reduce not in REDUCTIONS:
+        raise InvalidArgumentError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
+    if not callable(analysis):
+        raise InvalidArgumentError(f"analysis must be a callable (im, batch) -> dict of tensors, got {analysis!r}")
+    if position_ids is None and not _takes(im, "position_ids"):
+        position_ids = False
+    total = _Rows() if reduce == "none" else _Running(mean=reduce == "mean")
+    stream = batches(source, tokenizer, batch_size=batch_size, padding_side=padding_side, column=column,
+                     max_length=max_length, position_ids=position_ids, device=_device(im), progress=progress)
+    with contextlib.closing(stream):         # an analysis that raises closes the bar now, not when collected
+        for batch in stream:
+            total.add(_checked_result(analysis(im, batch), len(batch)))
+    return total.result()
+
+
+def _takes(im, name: str) -> bool:
+    forward = getattr(getattr(im, "model", im), "forward", None)
+    try:
+        return name in inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _device(im) -> torch.device:
+    first = next(iter(im.parameters()), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def _checked_result(out, batch: int) -> dict[str, torch.Tensor]:
+    if not isinstance(out, Mapping) or not out:
+        raise InvalidArgumentError(f"an analysis returns a non-empty dict of tensors, got {type(out).__name__}")
+    for name, value in out.items():
+        if not isinstance(name, str) or not isinstance(value, torch.Tensor):
+            raise InvalidArgumentError(f"an analysis returns {{str: tensor}}, got {name!r}: {type(value).__name__}")
+        if value.dim() == 0 or value.shape[0] != batch:
+            raise ShapeMismatchError(f"analysis result {name!r} must be [batch={batch}, ...] (one row per example), "
+                                     f"got {list(value.shape)}")
+    return {name: value.detach() for name, value in out.items()}
+
+
+def _same_names(have, out) -> None:
+    if have is not None and set(have) != set(out):
+        raise InvalidArgumentError(f"the analysis returned {sorted(out)} after {sorted(have)}: "
+                                   "return the same names for every batch")
+
+
+class _Running:
+    """The sum over examples so far, in fp64 (integers in int64), and how many: what "mean" and "sum" keep."""
+
+    def __init__(self, mean: bool):
+        self.mean, self.count, self.sums, self.dtypes = mean, 0, None, {}
+
+    def add(self, out: dict) -> None:
+        _same_names(self.sums, out)
+        sums = self.sums or {}
+        for name, value in out.items():
+            wide = torch.float64 if value.is_floating_point() or value.is_complex() else torch.int64
+            if value.device.type == "mps":           # no fp64 there
+                value = value.cpu()
+            part = value.sum(0, dtype=wide).cpu()    # one example's size, on the CPU
+            if name in sums and sums[name].shape != part.shape:
+                raise ShapeMismatchError(
+                    f"reduce='mean'/'sum' needs one shape per example, but {name!r} was {list(sums[name].shape)} and "
+                    f"is now {list(part.shape)}: read fixed positions (data.last_token) or use reduce='none'")
+            sums[name] = sums[name] + part if name in sums else part
+            self.dtypes[name] = value.dtype
+        self.sums, self.count = sums, self.count + next(iter(out.values())).shape[0]
+
+    def result(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, total in self.sums.items():
+            dtype = self.dtypes[name]
+            floating = dtype.is_floating_point or dtype.is_complex
+            if self.mean:
+                total = total / self.count
+            out[name] = total.to(torch.promote_types(dtype, torch.float32) if floating or self.mean else total.dtype)
+        return out
+
+
+class _Rows:
+    """Every example's rows, on the CPU: what "none" keeps."""
+
+    def __init__(self):
+        self.parts = None
+
+    def add(self, out: dict) -> None:
+        _same_names(self.parts, out)
+        parts = self.parts or {name: [] for name in out}
+        for name, value in out.items():
+            parts[name].append(value.cpu())
+        self.parts = parts
+
+    def result(self) -> dict[str, torch.Tensor]:
+        return {name: _cat_padded(name, parts) for name, parts in self.parts.items()}
+
+
+def _cat_padded(name: str, parts: list) -> torch.Tensor:
+    """torch.cat over rows; an axis that differs between parts is NaN-filled at its end."""
+    if any(p.dim() != parts[0].dim() or p.dtype != parts[0].dtype for p in parts):
+        raise ShapeMismatchError(f"analysis result {name!r} changes its number of axes or dtype between batches")
+    widest = [max(p.shape[axis] for p in parts) for axis in range(1, parts[0].dim())]
+    ragged = [p for p in parts if list(p.shape[1:]) != widest]
+    if ragged and not parts[0].is_floating_point():
+        raise ShapeMismatchError(f"analysis result {name!r} ({parts[0].dtype}) changes shape between batches: "
+                                 "only floating results are NaN-padded")
+    grown = []
+    for p in parts:
+        if list(p.shape[1:]) != widest:
+            full = p.new_full([p.shape[0], *widest], float("nan"))
+            full[tuple(slice(0, n) for n in p.shape)] = p
+            p = full
+        grown.append(p)
+    return torch.cat(grown)
+
+
+# ---- ready analyses ---------------------------------------------------------------------------
+def last_token(kinds=("resid_pre",), layers=None):
+    """Analysis: each example's per-layer records at its last real token (the last non-pad
+    position of its row, whichever side the padding is on): {kind: [b, L, ...]} over `layers` in
+    the order given (all when None), e.g. resid_pre [b, L, d_model], z [b, L, H, d_head] (layers
+    with fewer heads padded with NaN). kinds: among TOKEN_KINDS."""
+    kinds = (kinds,) if isinstance(kinds, str) else tuple(dict.fromkeys(kinds))
+    bad = [k for k in kinds if k not in TOKEN_KINDS]
+    if not kinds or bad:
+        raise InvalidArgumentError(f"last_token reads per-token layer records {TOKEN_KINDS}, got {kinds!r}")
+
+    def analysis(im, batch: Batch) -> dict[str, torch.Tensor]:
+        chosen = as_indices(range(im.num_layers) if layers is None else layers, im.num_layers, "layer")
+        narrowed = chosen if any(k != "z" for k in kinds) else None   # record's layers= covers no "z"
+        with torch.no_grad(), im.record(*kinds, layers=narrowed) as rec:
+            im(**batch.encoding)
+        rows, last = torch.arange(len(batch)), batch.last_positions
+        return {kind: padded_stack([_at(rec[kind, layer], rows, last) for layer in chosen], dim=1, fill=float("nan"))
+                for kind in kinds}
+
+    return analysis
+
+
+def _at(x: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    return x[rows.to(x.device), positions.to(x.device)]         # [b, t, ...] → [b, ...]
+
+
+def token_loss():
+    """Analysis for a causal LM: {"loss": [b] each example's mean next-token cross-entropy over its
+    own tokens (NaN where none is scored), "tokens": [b] how many were scored}. Neither a pad nor a
+    row's first token is scored (a left-padded row's first token would be predicted from a pad), so
+    a row scores what it scores alone. The token-weighted mean over a dataset: the sum of
+    loss · tokens over the sum of tokens."""
+    def analysis(im, batch: Batch) -> dict[str, torch.Tensor]:
+        ids, mask = batch.encoding["input_ids"], batch.encoding["attention_mask"]
+        first = (mask.long().cumsum(-1) == 1) & (mask != 0)
+        labels = ids.masked_fill((mask == 0) | first, _IGNORED)
+        with torch.no_grad(), im.record("loss") as rec:
+            im(**batch.encoding, labels=labels)
+        loss = rec["loss"]                                     # [b, t − 1], NaN where not scored
+        tokens = (~loss.isnan()).sum(-1)
+        return {"loss": loss.nansum(-1) / tokens, "tokens": tokens}
+
+    return analysis
+
+
+# ---- results on disk --------------------------------------------------------------------------
+def save(path, tensors: Mapping, *, labels=None, metadata: Mapping | None = None) -> None:
+    """Write `tensors` ({name: tensor}) to a safetensors file, with `labels` (a list, e.g. one
+    text or class per example, or a dict of such lists) and `metadata` ({str: value}) as JSON in
+    its header. Both must be JSON that reads back equal (str, numbers, bools, None, lists, dicts
+    with str keys; no NaN); a tuple of labels is saved as a list. Never pickles."""
+    from safetensors.torch import save_file
+
+    header = {}
+    if labels is not None:
+        if not isinstance(labels, (list, tuple, Mapping)):
+            raise InvalidArgumentError(f"labels must be a list or a dict of lists, got {type(labels).__name__}")
+        header[_LABELS] = _json(list(labels) if isinstance(labels, tuple) else labels, "labels")
+    if metadata is not None:
+        if not isinstance(metadata, Mapping):
+            raise InvalidArgumentError(f"metadata must be a dict, got {type(metadata).__name__}")
+        header[_METADATA] = _json(dict(metadata), "metadata")
+    save_file(_savable(tensors), os.fspath(path), metadata=header)
+
+
+def load(path) -> tuple[dict[str, torch.Tensor], object, dict | None]:
+    """(tensors on the CPU, labels, metadata) of a file written by `save` (None where absent)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = os.fspath(path)
+    with safe_open(path, framework="pt") as f:
+        header = f.metadata() or {}
+    decode = lambda key: json.loads(header[key]) if key in header else None     # noqa: E731
+    return load_file(path), decode(_LABELS), decode(_METADATA)
+
+
+def _json(value, what: str) -> str:
+    try:
+        text = json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise InvalidArgumentError(f"{what} must be JSON (str, numbers, bools, None, lists, dicts with str keys): "
+                                   f"{e}") from None
+    if json.loads(text) != value:
+        raise InvalidArgumentError(f"{what} would not read back equal from JSON (a tuple reads back as a list, a "
+                                   "non-str key as a str): pass lists and str keys")
+    return text
+
+
+def _savable(tensors) -> dict[str, torch.Tensor]:
+    """Detached, contiguous CPU tensors; a tensor sharing memory with an earlier one is copied
+    (safetensors refuses shared storage)."""
+    if not isinstance(tensors, Mapping):
+        raise InvalidArgumentError(f"tensors must be a dict {{name: tensor}}, got {type(tensors).__name__}")
+    out, seen = {}, set()
+    for name, value in tensors.items():
+        if not isinstance(name, str) or not isinstance(value, torch.Tensor):
+            raise InvalidArgumentError(f"tensors must be {{str: tensor}}, got {name!r}: {type(value).__name__}")
+        value = value.detach().cpu().contiguous()
+        storage = value.untyped_storage().data_ptr()
+        out[name] = value.clone() if storage in seen and value.numel() else value
+        seen.add(storage)
+    return out
