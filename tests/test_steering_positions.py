@@ -222,3 +222,80 @@ def test_resid_post_of_an_encoders_last_layer_is_refused():
     with pytest.raises(SiteIndexError, match="no stream leaves layer 1"):
         im.steering.add(1, torch.ones(model.config.hidden_size), at="resid_post")
     assert im.steering.vector_kinds == ()
+
+
+# ---- per-row steering (rows=): many interventions as tiles of one batch ---------------------------
+def test_tiles_of_one_batch_equal_one_intervention_per_run(built):
+    """rows= gives each tile of a tiled batch its own heads' knobs: tile r ablates / scales its own
+    head, equal to running each intervention alone; a new set of tiles compiles nothing."""
+    name, model, im = built
+    ids, mask = _batch()
+    knobs = [("ablate", 0, 1), ("z", 1, 2), ("value", 1, 0), ("query", 0, 3)]
+
+    def apply(kind, layer, head, rows=None):
+        if kind == "ablate":
+            im.steering.ablate(layer, head, rows=rows)
+        elif kind == "z":
+            im.steering.scale(layer, head, 3.0, rows=rows)
+        elif kind == "value":
+            im.steering.scale(layer, head, 0.5, on="value", rows=rows)
+        else:
+            im.steering.scale(layer, head, 0.25, on="query", rows=rows)
+
+    with torch.no_grad():
+        alone = []
+        for knob in knobs:
+            with im.steering.restoring():
+                apply(*knob)
+                alone.append(im(input_ids=ids, attention_mask=mask).logits)
+        tiled = {"input_ids": ids.repeat(len(knobs), 1), "attention_mask": mask.repeat(len(knobs), 1)}
+        with im.steering.restoring():
+            for r, knob in enumerate(knobs):
+                apply(*knob, rows=range(2 * r, 2 * r + 2))
+            out = im(**tiled).logits
+            before = counters["attnfx"]["graphs_compiled"]
+            im.steering.reset()
+            for r, knob in enumerate(reversed(knobs)):              # other tiles: nothing compiles
+                apply(*knob, rows=range(2 * r, 2 * r + 2))
+            again = im(**tiled).logits
+            assert counters["attnfx"]["graphs_compiled"] == before
+    for r in range(len(knobs)):
+        assert_close(out[2 * r:2 * r + 2], alone[r])
+        assert_close(again[2 * r:2 * r + 2], alone[len(knobs) - 1 - r])
+
+
+def test_a_masked_row_beside_its_base_row_in_generate(built):
+    """A contrastive decoder's two streams as two rows of one batch (DeCoRe): row 1 with heads
+    ablated, row 0 not — each equal to its own generate."""
+    name, model, im = built
+    ids = torch.randint(1, models.VOCAB, (1, 6), generator=torch.Generator().manual_seed(5)).repeat(2, 1)
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        base = im.generate(input_ids=ids[:1], **kw)
+        with im.steering.ablated(0, [0, 2]), im.steering.ablated(1, 1):
+            masked = im.generate(input_ids=ids[:1], **kw)
+        with im.steering.ablated(0, [0, 2], rows=[1]), im.steering.ablated(1, 1, rows=[1]):
+            both = im.generate(input_ids=ids, **kw)
+            with pytest.raises(ShapeMismatchError, match="rows= names row 1, this call has batch 1"):
+                im(input_ids=ids[:1])
+    assert not torch.equal(base.scores[0], masked.scores[0])
+    assert torch.equal(both.sequences[0], base.sequences[0]) and torch.equal(both.sequences[1], masked.sequences[0])
+    for step, (two, one, other) in enumerate(zip(both.scores, base.scores, masked.scores)):
+        assert_close(two[0], one[0])
+        assert_close(two[1], other[0])
+
+
+def test_rows_and_positions_together_and_a_vector_on_some_rows(built):
+    name, model, im = built
+    ids, mask = _batch()
+    vector = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(6))
+    handle = _pre_hook(BLOCKS[name](model)[1], _at(torch.tensor([[False] * 7, [False] * 6 + [True]]),
+                                                    lambda x: x + vector))
+    want, _ = _run(model, ids, mask, generate=False)
+    handle.remove()
+    with im.steering.added(1, vector, positions=[-1], rows=[1]):
+        assert_close(im(input_ids=ids, attention_mask=mask).logits, want)
+    for bad in ([-1], [1.0], torch.zeros(2, 2, dtype=torch.bool), []):
+        with pytest.raises((SteeringValueError, ShapeMismatchError)):
+            im.steering.scale(0, 0, 2.0, rows=bad)
+    assert not im.steering.positions.in_use

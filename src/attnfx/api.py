@@ -22,7 +22,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from .calls import as_call as _as_call
+from .calls import as_call as _as_call, batch_and_length
 from .capture.backend import BACKENDS, MODES
 from .capture.context import calling
 from .capture.logging_calls import tolerant_logging
@@ -484,7 +484,7 @@ class InstrumentedModel(nn.Module):
             spec = replace(spec, vectors=self.steering.vector_kinds)
         if self.steering.positions.in_use:
             spec = replace(spec, positions=True)
-            self.steering.positions.set_offset(kwargs)
+            self.steering.positions.prepare(batch_and_length(args, kwargs)[0], kwargs)
         if spec is not self._spec:
             self._set_spec(spec)
         key = (self._spec_key, _call_signature(args, kwargs))

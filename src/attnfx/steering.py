@@ -13,7 +13,7 @@ from .errors import (DeviceMismatchError, DTypeMismatchError, InvalidArgumentErr
                      ShapeMismatchError, SiteIndexError, SteeringValueError)
 from .calls import as_call
 from .indices import as_indices, padded_stack
-from .positions import Positions
+from .positions import VECTOR_GROUPS, Positions
 from .spec import STEERING_STATE
 
 SCALE_TARGETS = {"z": "z_scale", "value": "v_scale", "value_unbiased": "v_scale_unbiased",
@@ -21,7 +21,6 @@ SCALE_TARGETS = {"z": "z_scale", "value": "v_scale", "value_unbiased": "v_scale_
 ABLATIONS = ("zero", "mean", "resample")
 VECTOR_SITES = ("resid_pre", "resid_post", "attn_out", "mlp_out")
 PROBE_KIND = {"resid_pre": "resid", "attn_out": "attn", "mlp_out": "mlp"}   # at= → the probe pass's kind
-VECTOR_GROUPS = 16                                  # = positions.CAPACITY: a vector row per position group
 
 
 class Steering:
@@ -92,9 +91,9 @@ class Steering:
         return z_source
 
     # ---- knobs -----------------------------------------------------------------------------
-    def scale(self, layer, head, factor, *, on: str = "z", positions=None) -> None:
+    def scale(self, layer, head, factor, *, on: str = "z", positions=None, rows=None) -> None:
         """Multiply head(s) by `factor` (at `positions` only: query positions for z and query, key
-        positions for the values; see attnfx.positions). on="z": the head output z_h (query head); "value": the
+        positions for the values; on batch `rows` only; see attnfx.positions). on="z": the head output z_h (query head); "value": the
         value vectors of kv head(s) with their bias (= z of every query head of the group);
         "value_unbiased": only the input-dependent part of v, keeping κ = β·W_V + b_V constant
         (β: the bias of the norm feeding v; TransformerLens' folded biases, Yu et al. 2023; its
@@ -104,17 +103,19 @@ class Steering:
             raise InvalidArgumentError(f"on must be one of {sorted(SCALE_TARGETS)}, got {on!r}")
         layers, heads = self._pairs(layer, head, kv=on.startswith("value"))
         value = self._factor(factor)
-        group = self.positions.group(positions)
+        group = self.positions.group(positions, rows)
         buffer = getattr(self._im, SCALE_TARGETS[on])
         for l in layers:
             buffer[l, heads] = value
         self.positions.assign(SCALE_TARGETS[on], layers, heads, group)
 
-    def ablate(self, layer, head, how: str = "zero", *, reference=None, generator=None, positions=None) -> None:
+    def ablate(self, layer, head, how: str = "zero", *, reference=None, generator=None, positions=None,
+               rows=None) -> None:
         """Replace z_h by zeros, by its mean over a reference batch (all valid positions), or
         (resample) by its value on another example of the reference batch: example i reads
         example π(i) ≠ i, π a random derangement (`generator` seeds it); the calls that follow
-        must then have the reference's [batch, seq]. `positions`: at those query positions only."""
+        must then have the reference's [batch, seq]. `positions`, `rows`: at those query positions and
+        batch rows only."""
         if how not in ABLATIONS:
             raise InvalidArgumentError(f"how must be one of {ABLATIONS}, got {how!r}")
         layers, heads = self._pairs(layer, head)
@@ -125,16 +126,16 @@ class Steering:
             if z[0].shape[0] < 2:
                 raise SteeringValueError("resample ablation needs a reference batch of at least 2 examples")
             order = derangement(z[0].shape[0], generator).to(z[0].device)
-            self.positions.group(positions)                  # validated before any patch is written
+            self.positions.group(positions, rows)            # validated before any patch is written
             for l in layers:
-                self.patch(l, heads, z[l][order][:, :, heads], positions=positions)
+                self.patch(l, heads, z[l][order][:, :, heads], positions=positions, rows=rows)
             return
         if how == "mean":
             if reference is not None:
                 self._means = self.mean_z(reference)
             if self._means is None:
                 raise SteeringValueError("mean ablation needs reference=inputs once (the batch to average over)")
-        group = self.positions.group(positions)
+        group = self.positions.group(positions, rows)
         im = self._im
         for l in layers:
             for h in heads:
@@ -142,15 +143,15 @@ class Steering:
             im.z_replace[l, heads] = 1.0
         self.positions.assign("z_replace", layers, heads, group)
 
-    def patch(self, layer: int, head, z_source: torch.Tensor, *, positions=None) -> None:
+    def patch(self, layer: int, head, z_source: torch.Tensor, *, positions=None, rows=None) -> None:
         """Replace z_h by a recorded head output, e.g. `rec["z"][layer][:, :, head]` of another
         input: z_source is [batch, seq, head_dim] (one head) or [batch, seq, n_heads, head_dim].
-        `positions`: at those query positions only."""
+        `positions`, `rows`: at those query positions and batch rows only."""
         layers, heads = self._pairs(layer, head)
         if len(layers) != 1:
             raise SiteIndexError("patch takes one layer at a time")
         source = self._source_tensor(z_source, len(heads), layers[0])
-        group = self.positions.group(positions)
+        group = self.positions.group(positions, rows)
         im = self._im
         current = im.z_source
         if current.shape[1:3] != source.shape[:2]:
@@ -165,8 +166,8 @@ class Steering:
         self.positions.assign("z_replace", layers, heads, group)
 
     def add(self, layer, vector: torch.Tensor, *, at: str = "resid_pre", scale: float = 1.0,
-            positions=None) -> None:
-        """Activation addition: x ← x + scale · vector at every position (or at `positions`) of
+            positions=None, rows=None) -> None:
+        """Activation addition: x ← x + scale · vector at every position (or at `positions`, on `rows`) of
         `at` ("resid_pre", the stream entering the layer; "resid_post", the stream leaving its
         block; "attn_out" / "mlp_out", what its attention / MLP writes) of each layer named. Adds
         to what is there (contrastive pairs: add(l, a), add(l, b, scale=-1)); reset() clears.
@@ -190,14 +191,14 @@ class Steering:
             raise DeviceMismatchError(f"vector on {vector.device}, model state on {device}")
         if not bool(torch.isfinite(vector).all()):
             raise SteeringValueError("vector holds NaN or inf")
-        group = self.positions.group(positions)
-        for kind, rows in targets.items():
+        group = self.positions.group(positions, rows, limit=VECTOR_GROUPS)
+        for kind, places in targets.items():
             name = f"vector_{kind}"
             if getattr(self._im, name, None) is None:
                 count = 1 if kind == "final" else len(sites)
                 self._im.register_buffer(name, torch.zeros(count, VECTOR_GROUPS, d_model, device=device),
                                          persistent=False)
-            getattr(self._im, name)[rows, group] += factor * vector.float()
+            getattr(self._im, name)[places, group] += factor * vector.float()
             self._vectors.add(kind)
 
     def _vector_targets(self, layers: list[int], at: str) -> dict[str, list[int]]:
@@ -265,22 +266,23 @@ class Steering:
             if was_identity:
                 self._mark_unbiased_identity()        # restored to all ones: κ may leave the graph
 
-    def scaled(self, layer, head, factor, *, on: str = "z", positions=None):
+    def scaled(self, layer, head, factor, *, on: str = "z", positions=None, rows=None):
         """`with im.steering.scaled(l, h, 3.0, on="value_unbiased"):` — scale() for the block only."""
-        return self._scoped(self.scale, layer, head, factor, on=on, positions=positions)
+        return self._scoped(self.scale, layer, head, factor, on=on, positions=positions, rows=rows)
 
-    def added(self, layer, vector, *, at: str = "resid_pre", scale: float = 1.0, positions=None):
+    def added(self, layer, vector, *, at: str = "resid_pre", scale: float = 1.0, positions=None, rows=None):
         """`with im.steering.added(l, v, at="resid_pre"):` — add() for the block only."""
-        return self._scoped(self.add, layer, vector, at=at, scale=scale, positions=positions)
+        return self._scoped(self.add, layer, vector, at=at, scale=scale, positions=positions, rows=rows)
 
-    def ablated(self, layer, head, how: str = "zero", *, reference=None, generator=None, positions=None):
+    def ablated(self, layer, head, how: str = "zero", *, reference=None, generator=None, positions=None,
+                rows=None):
         """ablate() for the duration of a `with` block."""
         return self._scoped(self.ablate, layer, head, how, reference=reference, generator=generator,
-                            positions=positions)
+                            positions=positions, rows=rows)
 
-    def patched(self, layer: int, head, z_source: torch.Tensor, *, positions=None):
+    def patched(self, layer: int, head, z_source: torch.Tensor, *, positions=None, rows=None):
         """patch() for the duration of a `with` block."""
-        return self._scoped(self.patch, layer, head, z_source, positions=positions)
+        return self._scoped(self.patch, layer, head, z_source, positions=positions, rows=rows)
 
     @contextlib.contextmanager
     def _scoped(self, knob, *args, **kwargs):
@@ -326,14 +328,12 @@ class Steering:
         return rec["z"]
 
     def _check_call(self, args, kwargs) -> None:
-        """A per-position patch source must match the call's [batch, seq], per-row positions its batch."""
+        """A per-position patch source must match the call's [batch, seq]."""
         im = self._im
         if im._sites is None:
             return
         first = next((v for v in list(args) + [kwargs.get("input_ids"), kwargs.get("inputs_embeds")]
                       if isinstance(v, torch.Tensor) and v.dim() >= 2), None)
-        if first is not None and self.positions.in_use:
-            self.positions.check_batch(first.shape[0])
         if im.z_source.shape[1:3] == (1, 1):
             return
         if first is not None and tuple(first.shape[:2]) != tuple(im.z_source.shape[1:3]):

@@ -30,7 +30,7 @@ from torch.fx import GraphModule, Node
 from ..norms import norm_feeding
 from ..sites import AttentionSite, example_value, value_operand
 from ._build import call, replace_operand
-from .positions import at_positions, axis_masks, head_mask
+from .positions import at_positions, head_mask
 
 
 def apply(gm: GraphModule, sites: list[tuple[int, AttentionSite]], state: dict[str, Node], *,
@@ -62,7 +62,7 @@ class _Where:
         g = self.g
         t = call(g, "size", self.site.q, 2)
         end = call(g, operator.add, self.state["where_offset"], t)
-        return head_mask(g, axis_masks(g, self.state, end, t), _row(g, self.state[knob], layer, heads))
+        return head_mask(g, self.state, _row(g, self.state[knob], layer, heads), end, t)
 
     def keys(self, knob: str, layer: int, repeat: int) -> Node:
         g, site = self.g, self.site
@@ -70,8 +70,7 @@ class _Where:
         offset = self.state["where_offset"]
         end = (call(g, operator.add, call(g, operator.mul, offset, 0), s) if self.cross
                else call(g, operator.add, offset, call(g, "size", site.q, 2)))
-        return head_mask(g, axis_masks(g, self.state, end, s), _row(g, self.state[knob], layer, site.num_kv_heads),
-                         repeat)
+        return head_mask(g, self.state, _row(g, self.state[knob], layer, site.num_kv_heads), end, s, repeat)
 
 
 def _fp32_coef(g, row: Node, heads: int) -> Node:
