@@ -270,7 +270,12 @@ class Recording:
         """The softmax of the layer's masked logits [b, H, T, S] (or [b·H, T, S]: heads merged into
         the batch), without score columns the model joins before its softmax and drops after."""
         site = self._im.sites[layer]
-        probs = torch.softmax(scores, dim=-1)
+        if site.pattern != "matmul_softmax_matmul" and not scores.requires_grad:
+            # logits computed for this record alone: softmax in place, one t × s tensor at the peak
+            probs = scores.sub_(scores.amax(-1, keepdim=True)).exp_()
+            probs = probs.div_(probs.sum(-1, keepdim=True))
+        else:                                                 # a hand-written attention's own logits
+            probs = torch.softmax(scores, dim=-1)
         probs = probs.reshape(-1, site.num_heads, *probs.shape[-2:])
         dropped = site.extra_columns
         if dropped:

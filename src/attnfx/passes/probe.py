@@ -196,13 +196,15 @@ def sdpa_scores(q, k, attn_mask, is_causal: bool, scale: float):
     in fp32 (fp64 for fp64 inputs)."""
     wide = torch.promote_types(q.dtype, torch.float32)
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    scores = (q.to(wide) @ k.to(wide).transpose(-1, -2)) * scale
+    scores = (q.to(wide) @ k.to(wide).transpose(-1, -2)).mul_(scale)     # in place: one t × s tensor
     if is_causal:
-        keep = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
-        scores = scores.masked_fill(~keep, float("-inf"))
+        scores.masked_fill_(torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).triu_(1),
+                            float("-inf"))
     if attn_mask is not None:
-        scores = (scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool
-                  else scores + attn_mask.to(wide))
+        if attn_mask.dtype == torch.bool:
+            scores.masked_fill_(~attn_mask, float("-inf"))
+        else:
+            scores.add_(attn_mask.to(wide))
     return scores
 
 
