@@ -94,6 +94,7 @@ bench: $(STAMP)
 	$(PY) bench/faithfulness.py
 	$(PY) bench/ops_cpu.py
 	$(PY) bench/compile_times.py
+	$(PY) bench/records.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info src/attnfx/*.so demo-out .pytest_cache .hypothesis
