@@ -7,7 +7,7 @@ method; each has a plain-torch reference in its tests and a reproduction under b
 """
 import importlib
 
-__all__ = ["ships", "sinks", "lookback", "retrieval", "decore"]
+__all__ = ["ships", "sinks", "lookback", "retrieval", "decore", "flow"]
 
 
 def __getattr__(name):
