@@ -11,6 +11,8 @@ TORCH_LIBRARY(attnfx_C, m) {
   m.def("head_contrib(Tensor z, Tensor w_o, int[] heads, int[]? positions) -> Tensor");
   m.def("attention_stats(Tensor q, Tensor k, Tensor? key_mask, Tensor? spans, bool causal, float sm_scale)"
         " -> (Tensor lse, Tensor mass)");
+  m.def("attention_argmax(Tensor q, Tensor k, Tensor? key_mask, bool causal, float sm_scale)"
+        " -> (Tensor index, Tensor max_prob)");
   m.def("lrp_act(Tensor x, str act, float eps) -> Tensor");
   m.def("lrp_act_backward(Tensor grad, Tensor x, str act, float eps) -> Tensor");
   m.def("lrp_layer_norm(Tensor x, Tensor? weight, Tensor? bias, float eps) -> Tensor");

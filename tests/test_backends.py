@@ -13,7 +13,7 @@ from attnfx import backends
 from attnfx.errors import BackendUnavailableError, InvalidArgumentError
 from attnfx.ops import _cpp, readout
 
-OPS = ["attention_stats", "head_contrib", "head_readout", "lrp_act", "lrp_layer_norm", "lrp_rms_norm"]
+OPS = ["attention_argmax", "attention_stats", "head_contrib", "head_readout", "lrp_act", "lrp_layer_norm", "lrp_rms_norm"]
 
 
 @pytest.fixture(autouse=True)

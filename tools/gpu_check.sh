@@ -75,7 +75,7 @@ if [ -n "$BUILD_PID" ]; then
 _cpp.has_kernels(['attention_stats', 'head_readout', 'head_contrib', 'lrp_act_backward', 'lrp_layer_norm_backward', \
 'lrp_rms_norm_backward'], 'cuda'))"
 fi
-ptest 90 -m gpu -k cuda_kernel tests/test_attention_stats.py tests/test_readout.py tests/test_lrp_rules.py
+ptest 90 -m gpu -k cuda_kernel tests/test_attention_stats.py tests/test_attention_argmax.py tests/test_readout.py tests/test_lrp_rules.py
 
 stage "5 kernel benchmark subset: bench/kernels.py --quick"
 if [ "$CUDA" = 1 ]; then

@@ -82,3 +82,22 @@ def attention_backward(grad_z, q, k, v, *, causal: bool = False, key_mask=None, 
     dv = (p.transpose(-1, -2) @ g).reshape(b, Hkv, group, S, D).sum(2)
     scales = (0.25, 0.25, 0.5) if lrp else (1.0, 1.0, 1.0)
     return tuple((t * s).to(x.dtype) for t, s, x in zip((dq, dk, dv), scales, (q, k, v)))
+
+
+def attention_argmax(q, k, *, causal: bool = False, key_mask=None, sm_scale: float | None = None):
+    """q [b, H, T, d], k [b, Hkv, S, d] → (index [b, H, T] int64, max_prob [b, H, T] fp32): each
+    query's most attended visible key (the first on ties; −1 for a row with no visible key) and its
+    softmax probability exp(s_max − lse) (0 for such a row), from the full fp32 probability matrix
+    (fp64 for fp64 inputs). Causal and key_mask as `attention_mask`; query head h reads kv head
+    h // (H / Hkv)."""
+    group = q.shape[1] // k.shape[1]
+    sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
+    acc = torch.promote_types(q.dtype, torch.float32)
+    logits = (q.to(acc) @ k.to(acc).repeat_interleave(group, dim=1).transpose(-1, -2)) * sm_scale
+    visible = attention_mask(q.shape[2], k.shape[2], causal=causal, key_mask=key_mask, device=q.device)
+    logits = logits.masked_fill(~visible, float("-inf"))
+    best, index = logits.max(dim=-1)                                  # torch returns the first maximal index
+    lse = torch.logsumexp(logits, dim=-1)
+    seen = torch.isfinite(best)
+    max_prob = torch.exp(best - lse).nan_to_num(0.0).masked_fill(~seen, 0.0)
+    return index.masked_fill(~seen, -1), max_prob.float()
