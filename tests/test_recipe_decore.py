@@ -1,9 +1,13 @@
 """DeCoRe (issue 16): recipes.decore.generate — the base and the head-masked stream as two rows of
-one batch with the KV cache, every prompt at once — equals the paper's loop written in the test
-(one prompt at a time, no cache: the bare model, and the bare model with the heads' columns of
-c_proj's input zeroed, α = the base distribution's entropy, argmax (1 + α) z − α z̃), and its
-decode steps compile nothing."""
+one batch with the KV cache, every prompt at once — equals the paper's loops written in the test,
+one prompt at a time on the bare model with the heads' columns of c_proj's input zeroed (α = the
+base distribution's entropy, argmax (1 + α) z − α z̃): its code's (a base prefill of the prompt but
+its last token, the KV cache deep-copied into both streams: heads masked from the last prompt
+token on) and, with mask_prompt=True, one without a cache masking the whole sequence; its decode
+steps compile nothing."""
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -26,8 +30,7 @@ def setup():
     return model, tok, prompts, attnfx.instrument(model, backend="eager")
 
 
-def _paper_loop(model, ids, heads, steps, alpha_cap=None):
-    """One prompt, no cache: the full sequence through the base and the masked model each step."""
+def _masked_hooks(model, heads):
     width = model.config.n_embd // model.config.n_head
 
     def masked_hook(layer):
@@ -39,36 +42,69 @@ def _paper_loop(model, ids, heads, steps, alpha_cap=None):
             return (x,)
         return model.transformer.h[layer].attn.c_proj.register_forward_pre_hook(pre)
 
+    return [masked_hook(l) for l in {l for l, _ in heads}]
+
+
+def _choose(base, masked, alpha_cap):
+    p = torch.softmax(base, -1)
+    alpha = -(p * torch.log(p)).sum()
+    if alpha_cap is not None:
+        alpha = alpha.clamp(max=alpha_cap)
+    return ((1 + alpha) * base - alpha * masked).argmax(), alpha
+
+
+def _codes_loop(model, ids, heads, steps, alpha_cap=None):
+    """The paper's code: a base prefill of ids[:, :-1], its cache deep-copied into both streams."""
+    name = decore.cache_argument(model)
+    tokens, alphas = [], []
+    with torch.no_grad():
+        prefill = model(input_ids=ids[:, :-1], use_cache=True)
+        caches = {"base": copy.deepcopy(prefill[name]), "masked": copy.deepcopy(prefill[name])}
+        token = ids[:, -1:]
+        for _ in range(steps):
+            base = model(input_ids=token, use_cache=True, **{name: caches["base"]})
+            handles = _masked_hooks(model, heads)
+            try:
+                masked = model(input_ids=token, use_cache=True, **{name: caches["masked"]})
+            finally:
+                for handle in handles:
+                    handle.remove()
+            caches = {"base": base[name], "masked": masked[name]}
+            chosen, alpha = _choose(base.logits[0, -1], masked.logits[0, -1], alpha_cap)
+            tokens.append(int(chosen))
+            alphas.append(alpha)
+            token = chosen.view(1, 1)
+    return torch.tensor(tokens), torch.stack(alphas)
+
+
+def _whole_sequence_loop(model, ids, heads, steps, alpha_cap=None):
+    """One prompt, no cache: the full sequence through the base and the masked model each step."""
     tokens, alphas = [], []
     for _ in range(steps):
         with torch.no_grad():
             base = model(input_ids=ids).logits[0, -1]
-            handles = [masked_hook(l) for l in {l for l, _ in heads}]
+            handles = _masked_hooks(model, heads)
             try:
                 masked = model(input_ids=ids).logits[0, -1]
             finally:
                 for handle in handles:
                     handle.remove()
-        p = torch.softmax(base, -1)
-        alpha = -(p * torch.log(p)).sum()
-        if alpha_cap is not None:
-            alpha = alpha.clamp(max=alpha_cap)
-        chosen = ((1 + alpha) * base - alpha * masked).argmax()
+        chosen, alpha = _choose(base, masked, alpha_cap)
         tokens.append(int(chosen))
         alphas.append(alpha)
         ids = torch.cat([ids, chosen.view(1, 1)], dim=1)
     return torch.tensor(tokens), torch.stack(alphas)
 
 
-@pytest.mark.parametrize("alpha_cap", [None, 0.5])
-def test_batched_decore_equals_the_papers_loop_per_prompt(setup, alpha_cap):
+@pytest.mark.parametrize("mask_prompt, alpha_cap", [(False, None), (True, None), (True, 0.5)])
+def test_batched_decore_equals_the_papers_loop_per_prompt(setup, mask_prompt, alpha_cap):
     model, tok, prompts, im = setup
     batch = tok(prompts, return_tensors="pt", padding=True, padding_side="left")
-    result = decore.generate(im, batch, HEADS, max_new_tokens=STEPS, alpha_cap=alpha_cap)
+    result = decore.generate(im, batch, HEADS, max_new_tokens=STEPS, alpha_cap=alpha_cap, mask_prompt=mask_prompt)
     assert result.tokens.shape == (len(prompts), STEPS)
+    loop = _whole_sequence_loop if mask_prompt else _codes_loop
     for i, prompt in enumerate(prompts):
-        want_tokens, want_alphas = _paper_loop(model, tok(prompt, return_tensors="pt")["input_ids"], HEADS, STEPS,
-                                               alpha_cap)
+        want_tokens, want_alphas = loop(model, tok(prompt, return_tensors="pt")["input_ids"], HEADS, STEPS, alpha_cap)
         assert torch.equal(result.tokens[i], want_tokens)
         assert_close(result.alphas[i], want_alphas)
 

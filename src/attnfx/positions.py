@@ -179,7 +179,7 @@ class Positions:
 
     def _set_offset(self, kwargs) -> None:
         """The call's first absolute position: the KV cache's length before it."""
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))     # transformers ≥ 5.24 names it cache
         past = cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
         position = kwargs.get("cache_position")
         if past == 0 and isinstance(position, torch.Tensor) and position.numel():

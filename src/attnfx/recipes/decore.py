@@ -4,10 +4,13 @@ masked. At each step, with z the base logits and z̃ the masked model's,
     α = H(softmax(z))    (the base distribution's entropy; optionally / log V, optionally capped)
     next token = argmax (1 + α) · z − α · z̃
 
-The paper's code runs one prompt at a time and deep-copies the KV cache into two models. Here the
-base and the masked stream are two rows of one batch that share the prompt (per-row steering:
-the heads are zero-ablated on the masked rows only), every prompt of the batch at once, with the
-KV cache, compiled: prefill and the decode step are one graph each, the steps compile nothing.
+The paper's code runs one prompt at a time: a base prefill of the prompt without its last token,
+whose KV cache it deep-copies into both streams, so the heads are masked from the prompt's last
+token on. Here the base and the masked stream are two rows of one batch (per-row steering: the
+heads are zero-ablated on the masked rows only — at each call's newest token by default, as the
+paper's code does, or over the whole prompt with mask_prompt=True), every prompt of the batch at
+once, with the KV cache, compiled: prefill and the decode step are one graph each, the steps
+compile nothing.
 """
 from __future__ import annotations
 
@@ -35,10 +38,11 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(im, inputs, heads, *, max_new_tokens: int, alpha_cap: float | None = None,
-             scale_alpha: bool = False) -> DecoreResult:
+             scale_alpha: bool = False, mask_prompt: bool = False) -> DecoreResult:
     """Greedy DeCoRe decoding of a batch of prompts (input_ids [n, t] with an attention_mask for
     left-padded batches) contrasting the model with itself with `heads` ([(layer, head), ...])
-    zero-ablated. Every prompt gets exactly max_new_tokens tokens (none stops early)."""
+    zero-ablated — from the prompt's last token on (the paper's code), or over the whole prompt
+    (mask_prompt=True). Every prompt gets exactly max_new_tokens tokens (none stops early)."""
     args, kwargs = as_call(inputs)
     ids = kwargs.get("input_ids", args[0] if args else None)
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
@@ -55,13 +59,14 @@ def generate(im, inputs, heads, *, max_new_tokens: int, alpha_cap: float | None 
     step_ids, step_mask = ids.repeat(2, 1), mask.repeat(2, 1)
     positions = (step_mask.long().cumsum(-1) - 1).clamp(min=0)          # left padding: each row from 0
     tokens, alphas, base_tokens, cache = [], [], [], None
+    cache_name = cache_argument(im.model)
     with im.steering.restoring():
         for layer, head in heads:
-            im.steering.ablate(layer, head, rows=range(n, 2 * n))
+            im.steering.ablate(layer, head, rows=range(n, 2 * n), positions=None if mask_prompt else -1)
         for _ in range(max_new_tokens):
-            out = im(input_ids=step_ids, attention_mask=step_mask, position_ids=positions,
-                     past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = im(input_ids=step_ids, attention_mask=step_mask, position_ids=positions, use_cache=True,
+                     **{cache_name: cache})
+            cache = out[cache_name]
             logits = out.logits[:, -1].float()
             base, masked = logits[:n], logits[n:]
             alpha = entropy(base)
@@ -77,3 +82,10 @@ def generate(im, inputs, heads, *, max_new_tokens: int, alpha_cap: float | None 
             step_mask = torch.cat([step_mask, step_mask.new_ones(2 * n, 1)], dim=1)
             positions = positions[:, -1:] + 1
     return DecoreResult(torch.stack(tokens, 1), torch.stack(alphas, 1), torch.stack(base_tokens, 1))
+
+
+def cache_argument(model) -> str:
+    """The KV cache's keyword of an HF model: "cache" from transformers 5.24 on, "past_key_values" before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
