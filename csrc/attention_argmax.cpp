@@ -19,22 +19,7 @@
 namespace attnfx {
 
 int64_t check_attention_argmax(const Tensor& q, const Tensor& k, const std::optional<Tensor>& key_mask) {
-  const char* op = "attention_argmax";
-  check_operands(op, {q, "q", 4, "[b, H, T, d]"}, {k, "k", 4, "[b, Hkv, S, d]"});
-  TORCH_CHECK(k.scalar_type() == q.scalar_type(), op, ": expected k of q's dtype ", q.scalar_type(), ", received ",
-              k.scalar_type());
-  TORCH_CHECK(k.size(0) == q.size(0) && k.size(3) == q.size(3) && k.size(1) > 0 && q.size(1) % k.size(1) == 0, op,
-              ": expected k [b, Hkv, S, d] with q's b and d and H a multiple of Hkv, received q ", q.sizes(),
-              " and k ", k.sizes());
-  const int64_t S = k.size(2);
-  if (key_mask.has_value()) {
-    TORCH_CHECK(key_mask->scalar_type() == at::kBool && key_mask->dim() == 2 && key_mask->size(0) == q.size(0) &&
-                    key_mask->size(1) == S,
-                op, ": expected key_mask bool [b, S] = [", q.size(0), ", ", S, "], received ", key_mask->scalar_type(),
-                " ", key_mask->sizes());
-    check_same_device(q, *key_mask, op, "key_mask");
-  }
-  return S;
+  return check_keys("attention_argmax", q, k, key_mask);
 }
 
 namespace {

@@ -18,9 +18,7 @@
 
 namespace attnfx {
 
-int64_t check_attention_stats(const Tensor& q, const Tensor& k, const std::optional<Tensor>& key_mask,
-                              const std::optional<Tensor>& spans) {
-  const char* op = "attention_stats";
+int64_t check_keys(const char* op, const Tensor& q, const Tensor& k, const std::optional<Tensor>& key_mask) {
   check_operands(op, {q, "q", 4, "[b, H, T, d]"}, {k, "k", 4, "[b, Hkv, S, d]"});
   TORCH_CHECK(k.scalar_type() == q.scalar_type(), op, ": expected k of q's dtype ", q.scalar_type(), ", received ",
               k.scalar_type());
@@ -35,6 +33,13 @@ int64_t check_attention_stats(const Tensor& q, const Tensor& k, const std::optio
                 " ", key_mask->sizes());
     check_same_device(q, *key_mask, op, "key_mask");
   }
+  return S;
+}
+
+int64_t check_attention_stats(const Tensor& q, const Tensor& k, const std::optional<Tensor>& key_mask,
+                              const std::optional<Tensor>& spans) {
+  const char* op = "attention_stats";
+  const int64_t S = check_keys(op, q, k, key_mask);
   if (spans.has_value()) {
     TORCH_CHECK(spans->scalar_type() == at::kLong && spans->dim() == 2 && spans->size(1) == 2, op,
                 ": expected spans int64 [n, 2] (start, end), received ", spans->scalar_type(), " ", spans->sizes());

@@ -101,6 +101,10 @@ Tensor run_rows_times_heads(const RowsTimesHeads& p, at::ScalarType out_dtype, c
   return out;
 }
 
+// The attention-row statistics' shared check (attention_stats.cpp; attention_argmax uses it too):
+// q [b, H, T, d], k [b, Hkv, S, d] of q's dtype, b and d, H a multiple of Hkv, key_mask bool [b, S].
+// Returns S.
+int64_t check_keys(const char* op, const Tensor& q, const Tensor& k, const std::optional<Tensor>& key_mask);
 // Log-sum-exp and span mass of attention rows (attention_stats.cpp): shapes checked once for
 // both devices. Returns S.
 int64_t check_attention_stats(const Tensor& q, const Tensor& k, const std::optional<Tensor>& key_mask,
