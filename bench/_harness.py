@@ -3,6 +3,7 @@ results written as JSON (+ a bar plot) under bench/results/<device>/."""
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
 import json
 import os
@@ -142,3 +143,28 @@ def bar_plot(path: Path, title: str, times: dict[str, dict[str, float]],
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+MIB = 2 ** 20
+
+
+def peak_mib(fn) -> float:
+    """The peak memory fn() adds above what was live before it, in MiB: CUDA's allocator peak, or on
+    the CPU Linux's peak RSS (VmHWM) reset to the current RSS (/proc/self/clear_refs ← 5) after
+    returning freed heap pages (malloc_trim)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        return (torch.cuda.max_memory_allocated() - base) / MIB
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    Path("/proc/self/clear_refs").write_text("5")          # VmHWM ← VmRSS
+    base = _status("VmRSS")
+    fn()
+    return (_status("VmHWM") - base) / MIB
+
+
+def _status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))

@@ -14,7 +14,6 @@ method); CUDA — max_memory_allocated above the start.
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import random
 import statistics
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 
 import attnfx
-from _harness import bench, cli, parse_args, write_json
+from _harness import bench, cli, parse_args, peak_mib, write_json
 from attnfx.models.loader import load_default, load_prompts
 from attnfx.ops import attention_argmax, reference
 from attnfx.recipes import retrieval
@@ -35,7 +34,6 @@ REPEATS = 3                      # each provider runs a whole prompt set: second
 OP_LENGTHS, QUICK_OP_LENGTHS = (1024, 2048, 4096), (256, 512)
 OP_SHAPE = dict(b=1, heads=12, d=64)                             # GPT-2 small's attention
 PINNED_MMAP_THRESHOLD = "65536"
-MIB = 2 ** 20
 
 
 def ablation(im, prompts, top: list, k: int, seed: int | None) -> float:
@@ -80,25 +78,6 @@ def op_sweep(lengths) -> list[dict]:
                       "index_agreement": float((i_op == i_ref).float().mean()),
                       "max_prob_max_abs_diff": float((p_op - p_ref).abs().max())})
     return found
-
-
-def peak_mib(fn) -> float:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        return (torch.cuda.max_memory_allocated() - base) / MIB
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    Path("/proc/self/clear_refs").write_text("5")          # VmHWM ← VmRSS
-    base = _status("VmRSS")
-    fn()
-    return (_status("VmHWM") - base) / MIB
-
-
-def _status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
 
 
 def plot(path: Path, result: dict) -> None:

@@ -12,15 +12,13 @@ method) so freed blocks go back to the OS; CUDA — max_memory_allocated above t
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import sys
-from pathlib import Path
 
 import torch
 
 import attnfx
-from _harness import bench, cli, parse_args, write_json
+from _harness import bench, cli, parse_args, peak_mib, write_json
 from attnfx import data, recipes
 from attnfx.models.loader import load_default, load_prompts
 from attnfx.viz import head_heatmap
@@ -29,7 +27,6 @@ BATCH = 32                       # prompts per instrumented call
 LONG_EXAMPLES, LONG_TOKENS = 64, 128       # the default model's n_positions
 REPEATS = 5                      # each provider runs the whole dataset: seconds per round
 PINNED_MMAP_THRESHOLD = "65536"
-MIB = 2 ** 20
 
 
 def heldout_texts(prompts: dict) -> dict[str, list[str]]:
@@ -65,25 +62,6 @@ def from_patterns(im, texts, tok, first):
         part = recipes.sinks.from_patterns(rec["pattern"], batch.encoding["attention_mask"], first)
         total, count = total + part.double().sum(0), count + len(batch)
     return (total / count).float()
-
-
-def peak_mib(fn) -> float:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        return (torch.cuda.max_memory_allocated() - base) / MIB
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    Path("/proc/self/clear_refs").write_text("5")          # VmHWM ← VmRSS
-    base = _status("VmRSS")
-    fn()
-    return (_status("VmHWM") - base) / MIB
-
-
-def _status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
 
 
 def main() -> None:
