@@ -33,6 +33,7 @@ from .roles import site_roles
 from .sites import PATTERNS, example_value
 from .spec import DISCOVER, PLAIN, STEERING_STATE, Spec
 from .siteinfo import FinalNormInfo, GraphInfo, SiteInfo, format_sites, module_path
+from .tensor_parallel import head_shard
 from .unembed import final_norm_info, find_final_norm
 
 __all__ = ["instrument", "InstrumentedModel", "SiteInfo", "FinalNormInfo"]
@@ -573,14 +574,20 @@ class InstrumentedModel(nn.Module):
                 module_path(site.module_stack_path, module_names), site.occurrence)
             o_val = example_value(site.o_weight) if site.o_weight is not None else None
             d_model = None if o_val is None else int(o_val.shape[0] if site.o_layout == "out_in" else o_val.shape[1])
+            o_proj = names.get(site.o_weight)
+            shard = head_shard(self.model.get_submodule(path) if path else self.model, site.num_heads,
+                               site.num_kv_heads, site.head_dim)
+            if shard is not None:                  # the graph computes this process's heads; report them all
+                site.head_offset, site.kv_head_offset = shard.offset, shard.kv_offset
+            heads, kv_heads = (shard.total, shard.kv_total) if shard is not None else (site.num_heads, site.num_kv_heads)
             infos.append(SiteInfo(
                 layer=self._layer_of.get((path, occurrence), -1), module_path=path,
-                pattern=site.pattern, num_heads=site.num_heads, num_kv_heads=site.num_kv_heads,
+                pattern=site.pattern, num_heads=heads, num_kv_heads=kv_heads,
                 head_dim=site.head_dim, d_model=d_model, causal=site.causal, masked=site.masked,
-                o_proj=names.get(site.o_weight), value_bias=names.get(site.v_bias),
-                occurrence=occurrence, scale=site.scale, kv_heads_read=site.kv_heads_read,
+                o_proj=o_proj, value_bias=names.get(site.v_bias),
+                occurrence=occurrence, scale=site.scale, kv_heads_read=site.kv_heads_read * heads // site.num_heads,
                 stack=stack, attends=attends, gated=site.gate is not None,
-                extra_columns=site.extra_columns))
+                extra_columns=site.extra_columns, shard=shard))
         if self._sites is not None and any(i.layer < 0 for i in infos):
             raise NoAttentionFoundError(
                 f"a recompiled graph holds attention sites not seen when the model was first instrumented: "

@@ -43,6 +43,7 @@ from .errors import (DeviceMismatchError, DTypeMismatchError, InvalidArgumentErr
                      ShapeMismatchError, SteeringValueError, UnsupportedModelError)
 from .indices import as_index, padded_stack
 from .spec import RECORD_KINDS, Spec
+from .tensor_parallel import gather_heads
 
 
 def _next_stream(im, layer: int):
@@ -87,6 +88,9 @@ class Recording:
         self._pattern_rows = None
         if "pattern" in kinds and positions is not None:
             self._pattern_rows = torch.as_tensor([int(p) for p in positions], dtype=torch.long)
+        if ("readout" in kinds or "contrib" in kinds) and any(s.shard is not None for s in sites):
+            raise UnsupportedModelError("'readout' and 'contrib' project heads through W_O, which tensor parallelism "
+                                        "splits across processes; record 'z' (gathered to every head) instead")
         self._directions = self._check_directions(directions, sites) if "readout" in kinds else None
         contrib = self._check_heads(heads, sites) if "contrib" in kinds else ()
         if "contrib" in kinds and positions is not None:
@@ -203,7 +207,7 @@ class Recording:
         call = {}
         if "z" in per_kind:
             z = {layer: t for (layer, _), t in per_kind["z"].items()}
-            call["z"] = [z[layer] for layer in range(layers)]
+            call["z"] = [self._full_heads(layer, z[layer], 2) for layer in range(layers)]
         if "readout" in per_kind:
             r = {layer: t for (layer, _), t in per_kind["readout"].items()}
             # heads a layer lacks (layers differing in heads) read NaN: not a head, not a zero effect
@@ -216,7 +220,8 @@ class Recording:
         for name, kind in (("lse", "stats_lse"), ("mass", "stats_mass")):
             if f"capture:{kind}" in per_kind:
                 found = {layer: t for (layer, _), t in per_kind[f"capture:{kind}"].items()}
-                call[name] = [found.get(layer) for layer in range(layers)]
+                call[name] = [None if layer not in found else self._full_heads(layer, found[layer], 1 if name == "lse" else 2)
+                              for layer in range(layers)]
         if self._post_of:
             resid = {layer: t for (layer, _), t in per_kind.get("capture:resid", {}).items()}
             final = next(iter(per_kind.get("final_norm", {}).values()), None)
@@ -228,8 +233,8 @@ class Recording:
             if name in self._asked and name != "attention_stats":     # None where the pattern is absent
                 found = {layer: t for (layer, _), t in per_kind.get(f"capture:{kind}", {}).items()
                          if self._layers is None or layer in self._layers}
-                convert = {"pattern": self._pattern, "k": self._per_kv_head, "v": self._per_kv_head}.get(
-                    name, lambda layer, t: t)
+                convert = {"pattern": self._pattern, "k": self._per_kv_head, "v": self._per_kv_head,
+                           "q": lambda layer, t: self._full_heads(layer, t, 2)}.get(name, lambda layer, t: t)
                 call[name] = [convert(layer, found[layer]) if layer in found else None for layer in range(layers)]
         if self._loss:
             call["loss"] = self._token_loss(ctx.output, ctx.labels)
@@ -263,6 +268,7 @@ class Recording:
         repeats kv heads before the attention (HF's repeat_kv: head h reads kv head h // rep)
         holds rep copies of each."""
         site = self._im.sites[layer]
+        x = self._full_heads(layer, x, 2)
         rep = x.shape[2] // site.num_kv_heads
         return x[:, :, ::rep].clone() if rep > 1 else x
 
@@ -276,10 +282,15 @@ class Recording:
             probs = probs.div_(probs.sum(-1, keepdim=True))
         else:                                                 # a hand-written attention's own logits
             probs = torch.softmax(scores, dim=-1)
-        probs = probs.reshape(-1, site.num_heads, *probs.shape[-2:])
+        probs = probs.reshape(-1, site.shard.heads if site.shard is not None else site.num_heads, *probs.shape[-2:])
         dropped = site.extra_columns
         if dropped:
             probs = probs[..., :probs.shape[-1] - dropped]
         if self._pattern_rows is not None:
             probs = probs[:, :, self._pattern_rows.to(probs.device)]
-        return probs
+        return self._full_heads(layer, probs, 1)
+
+    def _full_heads(self, layer: int, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """A record's heads from every process of a tensor-parallel layer (its own heads otherwise)."""
+        shard = self._im.sites[layer].shard
+        return x if shard is None else gather_heads(x, dim, shard)

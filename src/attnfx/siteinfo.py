@@ -29,6 +29,7 @@ class SiteInfo:
     gated: bool = False           # W_O reads z ⊙ g (an elementwise gate): z records are pre-gate,
                                   # readouts and contributions use z ⊙ g
     extra_columns: int = 0        # score columns joined before the softmax and dropped after (sinks)
+    shard: object = None          # tensor parallel: this process's HeadShard (counts above are global)
 
 
 @dataclass(frozen=True)

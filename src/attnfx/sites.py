@@ -95,6 +95,8 @@ class AttentionSite:
     score_product: Node | None = None  # q·kᵀ (matmul, bmm or baddbmm); None for SDPA
     extra_columns: int = 0          # score columns joined before the softmax and dropped after (sinks)
     gate: Node | None = None        # g of z ⊙ g between z and W_O (Qwen3-Next), laid out as z is there
+    head_offset: int = 0            # tensor parallel: this process's first head (global index) and
+    kv_head_offset: int = 0         # first kv head; per-head state rows are read from there
 
 
 def example_value(node) -> torch.Tensor | None:

@@ -62,7 +62,7 @@ class _Where:
         g = self.g
         t = call(g, "size", self.site.q, 2)
         end = call(g, operator.add, self.state["where_offset"], t)
-        return head_mask(g, self.state, _row(g, self.state[knob], layer, heads), end, t)
+        return head_mask(g, self.state, _row(g, self.state[knob], layer, heads, self.site.head_offset), end, t)
 
     def keys(self, knob: str, layer: int, repeat: int) -> Node:
         g, site = self.g, self.site
@@ -70,17 +70,19 @@ class _Where:
         offset = self.state["where_offset"]
         end = (call(g, operator.add, call(g, operator.mul, offset, 0), s) if self.cross
                else call(g, operator.add, offset, call(g, "size", site.q, 2)))
-        return head_mask(g, self.state, _row(g, self.state[knob], layer, site.num_kv_heads), end, s, repeat)
+        return head_mask(g, self.state, _row(g, self.state[knob], layer, site.num_kv_heads, site.kv_head_offset),
+                         end, s, repeat)
 
 
 def _fp32_coef(g, row: Node, heads: int) -> Node:
     return call(g, "view", call(g, "to", row, torch.float32), 1, heads, 1, 1)
 
 
-def _row(g, state: Node, layer: int, heads: int) -> Node:
+def _row(g, state: Node, layer: int, heads: int, first: int = 0) -> Node:
     """The layer's row of a per-head state [L, H_max], cut to its own heads (H_max when layers
-    differ in heads; a full slice, so bit-exact, otherwise)."""
-    return call(g, operator.getitem, state, (layer, slice(None, heads)))
+    differ in heads; a full slice, so bit-exact, otherwise); under tensor parallelism, to this
+    process's heads first … first + heads − 1."""
+    return call(g, operator.getitem, state, (layer, slice(first or None, first + heads)))
 
 
 def _head_coef(g, row: Node, dtype, heads: int, repeat: int = 1) -> Node:
@@ -93,7 +95,7 @@ def _head_coef(g, row: Node, dtype, heads: int, repeat: int = 1) -> Node:
 def _steer_query(gm, layer, site: AttentionSite, state, where: _Where | None):
     g = gm.graph
     dtype = example_value(site.q).dtype
-    row = _row(g, state["q_scale"], layer, site.num_heads)
+    row = _row(g, state["q_scale"], layer, site.num_heads, site.head_offset)
     if where is None:
         coef = _head_coef(g, row, dtype, site.num_heads)
     else:
@@ -109,8 +111,8 @@ def _steer_value(gm, layer, site: AttentionSite, state, value_unbiased: bool, wh
     val = example_value(site.v)
     heads_v = int(val.shape[1])
     repeat = heads_v // site.num_kv_heads
-    a = _row(g, state["v_scale"], layer, site.num_kv_heads)              # [Hkv]
-    c = _row(g, state["v_scale_unbiased"], layer, site.num_kv_heads)
+    a = _row(g, state["v_scale"], layer, site.num_kv_heads, site.kv_head_offset)              # [Hkv]
+    c = _row(g, state["v_scale_unbiased"], layer, site.num_kv_heads, site.kv_head_offset)
     if where is not None:                                                # per key position: [B, Hv, S, 1]
         a = at_positions(g, _fp32_coef(g, call(g, "repeat_interleave", a, repeat), heads_v),
                          where.keys("at_v_scale", layer, repeat), 1.0)
@@ -179,9 +181,11 @@ def _steer_z(gm, layer, site: AttentionSite, state, where: _Where | None) -> Nod
     users = list(z.users)
     heads = site.num_heads
     with g.inserting_before(z.next):
-        scale = _row(g, state["z_scale"], layer, heads)
-        weight = _row(g, state["z_replace"], layer, heads)
-        own = call(g, operator.getitem, state["z_source"], (layer, Ellipsis, slice(None, heads), slice(None, site.head_dim)))
+        first = site.head_offset
+        scale = _row(g, state["z_scale"], layer, heads, first)
+        weight = _row(g, state["z_replace"], layer, heads, first)
+        own = call(g, operator.getitem, state["z_source"],
+                   (layer, Ellipsis, slice(first or None, first + heads), slice(None, site.head_dim)))
         source = call(g, "to", call(g, "permute", own, 0, 2, 1, 3), dtype)
         if where is None:
             keep = _head_coef(g, call(g, operator.mul, scale, call(g, operator.sub, 1.0, weight)), dtype, heads)
