@@ -78,6 +78,7 @@ def _check(rank: int, port: int, saved: str) -> None:
 
 
 def _check_against(ref, im, ids, rank: int, full: bool = True) -> None:
+    import attnfx
     from attnfx.errors import UnsupportedModelError
 
     assert [(s.num_heads, s.num_kv_heads) for s in im.sites] == [(4, 2), (4, 2)]
@@ -115,6 +116,13 @@ def _check_against(ref, im, ids, rank: int, full: bool = True) -> None:
     with pytest.raises(UnsupportedModelError, match="tensor parallelism"):
         with im.record("readout", directions=torch.randn(1, 64)):
             pass
+    # analyses that differentiate through the heads or project them through W_O refuse rather than
+    # answer from one process's heads (relevance did, silently, before: off by 0.06–0.14)
+    target = torch.tensor([1, 2])
+    for analysis in (lambda: attnfx.head_attribution(im, ids, target), lambda: attnfx.relevance(im, ids, target),
+                     lambda: attnfx.patching.attribution_patching(im, ids, ids.flip(0), lambda out: out.logits[:, -1, 1])):
+        with pytest.raises(UnsupportedModelError, match="run tensor parallel"):
+            analysis()
 
 
 def test_tensor_parallel_heads_steer_and_record_as_the_unsharded_model(tmp_path):

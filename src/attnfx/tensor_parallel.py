@@ -22,7 +22,7 @@ from torch import nn
 
 from .errors import UnsupportedModelError
 
-__all__ = ["HeadShard", "head_shard", "gather_heads"]
+__all__ = ["HeadShard", "head_shard", "gather_heads", "refuse_sharded"]
 
 
 @dataclass(frozen=True)
@@ -97,3 +97,15 @@ def gather_heads(x: torch.Tensor, dim: int, shard: HeadShard) -> torch.Tensor:
     parts = [x.new_empty((*x.shape[:dim], size, *x.shape[dim + 1:])) for size in sizes]
     dist.all_gather(parts, x, group=shard.group)
     return torch.cat(parts, dim)
+
+
+def refuse_sharded(im, analysis: str) -> None:
+    """Analyses that differentiate through the heads or project them through W_O (relevance,
+    patching, direct logit attribution) read per-head gates and weights as one process's graph
+    cannot: refused, rather than computed from this process's heads alone."""
+    sharded = [site.layer for site in (im._sites or ()) if site.shard is not None]
+    if sharded:
+        raise UnsupportedModelError(
+            f"{analysis} on {type(im.model).__name__}: layer(s) {sharded} run tensor parallel (heads split across "
+            "processes); steer and record it (records gather every head), or run the analysis on the unsharded "
+            "model (or one sharded by device_map)")

@@ -27,6 +27,7 @@ from ..calls import as_call, batch_and_length, last_positions, logits_of, positi
 from ..errors import InvalidArgumentError, UnsupportedModelError
 from ..probing import Probing
 from ..spec import Spec
+from ..tensor_parallel import refuse_sharded
 
 _WIDE = torch.float64             # the frozen-linear algebra in fp64: the sum is exact to fp32 round-off
 
@@ -122,6 +123,7 @@ def _check_reproduces(result, logits, run, targets, foils) -> None:
 def _checked_path(im):
     info = im.final_norm
     name = type(im.model).__name__
+    refuse_sharded(im, "direct logit attribution")     # W_O and W_U are DTensors the graph cannot name
     if info is None and im._graphs_per_call > 1:
         raise UnsupportedModelError(
             f"{name}: no unembedding was found in the {im._graphs_per_call} graphs holding attention: graph breaks "

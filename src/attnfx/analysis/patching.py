@@ -36,6 +36,7 @@ from ..indices import padded_stack
 from ..passes.probe import HEAD_KINDS
 from ..probing import Probing, relevance_dtype, state_shape
 from ..spec import Spec
+from ..tensor_parallel import refuse_sharded
 from . import qk_fix
 from .metrics import OutputsMetric, wide
 
@@ -70,6 +71,7 @@ def _check(im, clean, corrupt, component: str):
     (args, kwargs), (cargs, ckwargs) = _call(clean), _call(corrupt)
     if im._sites is None:
         im._discover(args, kwargs)
+    refuse_sharded(im, "patching")
     _check_same_shapes((args, kwargs), (cargs, ckwargs))
     return (args, kwargs), (cargs, ckwargs), batch_and_length(args, kwargs)[0]
 

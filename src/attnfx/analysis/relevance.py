@@ -34,6 +34,7 @@ from ..errors import AttnfxError, InvalidArgumentError, RelevanceLeakError, Rele
 from ..indices import padded_stack
 from ..probing import Lengths, Probing, relevance_dtype, remeasured, sequence_lengths, state_shape
 from ..spec import RULES, Spec, gate_name
+from ..tensor_parallel import refuse_sharded
 from . import metrics
 
 
@@ -106,6 +107,7 @@ def relevance(im, inputs, target, *, rule: str = "attnlrp", foil=None, position=
         raise InvalidArgumentError(f"components must be among {tuple(COMPONENTS)}, got {tuple(components)}")
     kinds = tuple(kind for name, kind in COMPONENTS.items() if name in components)
     args, kwargs = as_call(inputs)
+    refuse_sharded(im, "relevance")
     batch = batch_and_length(args, kwargs)[0]
     terms, lengths = _terms_and_lengths(im, args, kwargs, kinds, batch, target, foil, position)
     target_fn = _target_function(target, terms, batch, vocab_size(im))
