@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .calls import as_call as _as_call, batch_and_length
+from .capture import dispatch
 from .capture.backend import BACKENDS, MODES
 from .capture.context import calling
 from .capture.logging_calls import tolerant_logging
@@ -71,19 +72,26 @@ def instrument(model: nn.Module, *, backend: str | None = None, example_inputs=N
             f"{type(model).__name__} is already instrumented; call .uninstrument() on the first wrapper")
     _check_materialised(model)
     mode = _resolve_backend(backend, model)
-    im = InstrumentedModel(model, mode, fullgraph, bool(lower))
     inputs = example_inputs if example_inputs is not None else _default_example_inputs(model)
-    if inputs is not None:
-        args, kwargs = _as_call(inputs)
-        _check_token_ids(model, args, kwargs)
-        im._discover(args, kwargs)
+    call = _as_call(inputs) if inputs is not None else None
+    if call is not None:
+        _check_token_ids(model, *call)
+    merged = dispatch.merge(model)               # accelerate's offloaded blocks load once each (capture/dispatch.py)
+    try:
+        im = InstrumentedModel(model, mode, fullgraph, bool(lower), merged)
+        if call is not None:
+            im._discover(*call)
+    except BaseException:
+        merged.restore()
+        raise
     _LIVE[model] = weakref.ref(im)
     return im
 
 
 def _resolve_backend(backend, model) -> str:
     if backend is None:
-        on_cuda = any(p.is_cuda for p in itertools.chain(model.parameters(), model.buffers()))
+        on_cuda = _model_device(model).type == "cuda" or \
+            any(p.is_cuda for p in itertools.chain(model.parameters(), model.buffers()))
         return "inductor" if on_cuda else "eager"
     if backend not in MODES:
         raise InvalidArgumentError(f"backend must be one of {MODES}, got {backend!r}")
@@ -91,8 +99,12 @@ def _resolve_backend(backend, model) -> str:
 
 
 def _check_materialised(model) -> None:
-    """A meta-device model has shapes but no values: tracing it fails deep inside FakeTensor."""
-    meta = [name for name, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
+    """A meta-device model has shapes but no values: tracing it fails deep inside FakeTensor. Tensors
+    an accelerate hook loads before their module runs (CPU/disk offload) are on meta between calls."""
+    meta = [(name, t) for name, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
+    if meta:
+        loaded = dispatch.offloaded_tensors(model)
+        meta = [name for name, t in meta if id(t) not in loaded]
     if meta:
         raise UnsupportedModelError(
             f"{type(model).__name__} has {len(meta)} parameter(s)/buffer(s) on the meta device (first: {meta[0]}); "
@@ -113,8 +125,12 @@ def _check_token_ids(model, args, kwargs) -> None:
 
 
 def _model_device(model) -> torch.device:
-    first = next(itertools.chain(model.parameters(), model.buffers()), None)
-    return first.device if first is not None else torch.device("cpu")
+    """The device of the model's first tensor; for one accelerate offloads, where it runs."""
+    first = next(itertools.chain(model.named_parameters(), model.named_buffers()), None)
+    if first is None:
+        return torch.device("cpu")
+    name, tensor = first
+    return (tensor.is_meta and dispatch.execution_device(model, name)) or tensor.device
 
 
 def _default_example_inputs(model):
@@ -291,15 +307,19 @@ def _traced_function(key: tuple) -> types.FunctionType:
     return fn
 
 
-def _region(key: tuple, mode: str, fullgraph: bool):
+def _region(key: tuple, mode: str, fullgraph: bool, frames: int = 1):
     """dynamo's compile region of a traced frame, shared by the instances that share the frame.
     Isolated: the frames dynamo compiles inside it after a graph break (HF's shared decorator
     wrappers, a decoder layer's forward) keep their cache entries, and their recompile limit, per
     region. Shared with every other model and call, such a frame reaches the limit, and dynamo
-    then runs it plain for good: its attention silently uninstrumented."""
+    then runs it plain for good: its attention silently uninstrumented. frames: how many blocks
+    run the one frame after a break (accelerate's per-block hooks: capture/dispatch.py); with a KV
+    cache each specialises it on its layer index, so the region's limit is dynamo's per block."""
     region = _REGIONS.get(key)
     if region is None:
         isolated = {"isolate_recompiles": True} if _ISOLATES_RECOMPILES else {}
+        if _ISOLATES_RECOMPILES and frames > 1:
+            isolated["recompile_limit"] = torch._dynamo.config.recompile_limit * frames
         region = _REGIONS[key] = torch._dynamo.optimize(BACKENDS[mode], nopython=fullgraph, **isolated)
     return region
 
@@ -308,7 +328,7 @@ class InstrumentedModel(nn.Module):
     """A model whose heads are explicit graph nodes. Call it like the model; steer it through
     `.steering`, record with `.record(...)`, generate with `.generate(...)`."""
 
-    def __init__(self, model: nn.Module, mode: str, fullgraph: bool, lower: bool = False):
+    def __init__(self, model: nn.Module, mode: str, fullgraph: bool, lower: bool = False, merged=None):
         super().__init__()
         from .steering import Steering
 
@@ -326,6 +346,7 @@ class InstrumentedModel(nn.Module):
         self._graphs_per_call = 0                    # instrumented graphs one call runs (> 1: graph breaks)
         self._compiled: dict[tuple, object] = {}
         self._recording = None
+        self._merged = merged                        # accelerate hooks merged per block, restored on detach
         self._attached = True
         self.steering = Steering(self)
         # The wrapper's state dict is the model's: keys without a "model." prefix, loadable both ways.
@@ -414,6 +435,8 @@ class InstrumentedModel(nn.Module):
         self._check_attached()
         self._attached = False
         self._compiled.clear()
+        if self._merged is not None:
+            self._merged.restore()
         _LIVE.pop(self.model, None)
         return self.model
 
@@ -455,7 +478,8 @@ class InstrumentedModel(nn.Module):
         fn = self._compiled.get(key)
         if fn is None:
             traced_key = self._traced_key(key)
-            fn = _region(traced_key, self._mode, self._fullgraph)(types.MethodType(_traced_function(traced_key), self))
+            region = _region(traced_key, self._mode, self._fullgraph, dispatch.breaking_blocks(self.model))
+            fn = region(types.MethodType(_traced_function(traced_key), self))
             self._compiled[key] = fn
         return fn
 
@@ -500,6 +524,9 @@ class InstrumentedModel(nn.Module):
             raise
         if self._recording is not None:
             ctx.output, ctx.labels = out, kwargs.get("labels")
+            device = _model_device(self.model)       # a dispatched model's layers record where they run
+            ctx.records = [(key, value.to(device) if isinstance(value, torch.Tensor) else value)
+                           for key, value in ctx.records]
             self._recording._collect(ctx)
         return out
 

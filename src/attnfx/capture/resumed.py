@@ -37,12 +37,13 @@ from .context import current
 
 _SUBMODULE = re.compile(r"\._(?:modules|parameters|buffers)\['([^']*)'\]")
 _INDEX = re.compile(r"\[(\d+)\]")
+_BOUND_SELF = re.compile(r"\.\w+\.__self__")     # `m.forward.__self__` is `m` (accelerate calls `m._old_forward`)
 
 
 def dotted(path: str) -> str:
     """dynamo's "L['self']._modules['layers']._modules['0']" or "L['self'].layers[0]" →
     "L['self'].layers.0": sources and module stacks spelled alike."""
-    return _INDEX.sub(r".\1", _SUBMODULE.sub(r".\1", path))
+    return _BOUND_SELF.sub("", _INDEX.sub(r".\1", _SUBMODULE.sub(r".\1", path)))
 
 
 @dataclass(frozen=True)
