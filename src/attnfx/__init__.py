@@ -15,7 +15,7 @@ from .errors import *  # noqa: F401,F403  (typed errors are part of the public s
 
 __all__ = ["instrument", "InstrumentedModel", "SiteInfo", "FinalNormInfo", "PATTERNS", "errors", "set_backend",
            "head_attribution", "logit_attribution", "LogitAttribution", "logit_lens", "relevance", "patching", "path_patching", "metrics",
-           "models", "views", "data"]
+           "models", "views", "data", "sweeps"]
 __version__ = "0.1.0"
 
 # public name -> (module, attribute); attribute None means the module itself
@@ -35,8 +35,9 @@ _LAZY = {
     "path_patching": (".analysis.path_patching", "path_patching"),
     "metrics": (".analysis.metrics", None),
     "models": (".models", None),          # the README's first call: attnfx.models.load_default()
-    "views": (".views", None),
-    "data": (".data", None),              # analyses over a dataset in padded batches            # self-contained HTML views of patterns and relevance
+    "views": (".views", None),            # self-contained HTML views of patterns and relevance
+    "data": (".data", None),              # analyses over a dataset in padded batches (torchrun: sharded)
+    "sweeps": (".sweeps", None),          # ready per-example analyses for data.reduce (DLA, relevance, patching)
 }
 
 

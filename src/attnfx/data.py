@@ -13,6 +13,27 @@ tokens from 0, as HF's generate does: without them a model with absolute or rota
 sees a left-padded row shifted (the default GPT-2's last-token stream moves by up to 9), and a
 row's result would depend on the rows it is batched with. Results are saved as safetensors with
 labels and metadata as JSON in its header, never pickled.
+
+Under torchrun (`torchrun --nproc-per-node N sweep.py`, the script calling
+torch.distributed.init_process_group() first) the same call shares the work: rank r runs batches
+r, r + N, r + 2N, ... of the very batching one process would do (same rows, same padding), the
+ranks all-gather every batch's rows or partial sum (tensor collectives: gloo on the CPU, NCCL on
+the model's GPU; the bytes are safetensors, not pickles) and every rank adds them in batch order,
+as one process does: every rank returns the one-process result, bit for bit where the analysis
+computes a batch alike in every process (same device kind, same thread count). Each rank holds
+its batches' parts until the gather. Only rank 0 shows a bar (over its share), and `save`
+writes on rank 0 only. A rank that dies makes the others raise at the gather instead of waiting
+forever: gloo as soon as its connection closes, NCCL after the process group's timeout
+(init_process_group(timeout=)); an error on one rank ends that rank, and the others raise alike.
+
+checkpoint=FOLDER makes a sweep resumable: each finished batch is written there (safetensors named
+by batch number, written whole: a temporary file, then os.replace) and a rerun, on any number of
+ranks, reads those instead of recomputing them. A folder written for other texts, batch size,
+reduction, padding or max_length is refused (InvalidArgumentError), and so is an analysis
+returning other names than the stored batches (seen once a batch is computed). A folder per node
+works too: a batch whose file a rank cannot see is computed again.
+
+Ready analyses of the heads (DLA, relevance, activation patching per example): attnfx.sweeps.
 """
 from __future__ import annotations
 
@@ -20,12 +41,13 @@ import contextlib
 import inspect
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .calls import last_positions
+from .data_shards import _all_gathered, _Checkpoint, _owned, _Part, _ranks, _savable, _wire_device
 from .errors import InvalidArgumentError, ShapeMismatchError
 from .indices import as_indices, padded_stack
 
@@ -66,6 +88,30 @@ def batches(source, tokenizer, *, batch_size: int = 8, padding_side: str | None 
     model whose forward takes none). device: where the tensors go (None: the CPU). progress: a
     tqdm bar over examples (None: on a terminal only).
     Arguments are checked here, before the first batch is asked for."""
+    plan = _plan(source, tokenizer, batch_size, padding_side, column, max_length, position_ids, device)
+    return _iterate(plan, range(plan.batches), progress)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How a source is cut into batches: batch `number` holds examples [number · size, …) of `count`."""
+    count: int
+    size: int
+    side: str
+    read: Callable              # read(start, stop) -> texts
+    encode: Callable            # encode(texts) -> BatchEncoding
+    positions: bool             # position_ids added
+    max_length: int | None
+
+    @property
+    def batches(self) -> int:
+        return -(-self.count // self.size)
+
+    def span(self, number: int) -> range:
+        return range(number * self.size, min((number + 1) * self.size, self.count))
+
+
+def _plan(source, tokenizer, batch_size, padding_side, column, max_length, position_ids, device) -> _Plan:
     count, read = _reader(source, column)
     side = _checked_options(tokenizer, batch_size, padding_side, max_length)
     add_positions = side == "left" if position_ids is None else bool(position_ids)
@@ -77,18 +123,19 @@ def batches(source, tokenizer, *, batch_size: int = 8, padding_side: str | None 
             encoding["position_ids"] = (encoding["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
         return encoding.to(device) if device is not None else encoding
 
-    return _iterate(count, read, encode, batch_size, side, progress)
+    return _Plan(count, batch_size, side, read, encode, add_positions, max_length)
 
 
-def _iterate(count, read, encode, batch_size, side, progress):
+def _iterate(plan: _Plan, numbers, progress):
+    """The batches `numbers` (in that order) of `plan`; the others are neither read nor tokenized."""
     from tqdm.auto import tqdm
 
-    with tqdm(total=count, unit="example", disable=None if progress is None else not progress) as bar:
-        for start in range(0, count, batch_size):
-            stop = min(start + batch_size, count)
-            texts = tuple(read(start, stop))
-            yield Batch(encode(list(texts)), torch.arange(start, stop), texts, side)
-            bar.update(stop - start)
+    spans = [plan.span(number) for number in numbers]
+    with tqdm(total=sum(map(len, spans)), unit="example", disable=None if progress is None else not progress) as bar:
+        for span in spans:
+            texts = tuple(plan.read(span.start, span.stop))
+            yield Batch(plan.encode(list(texts)), torch.arange(span.start, span.stop), texts, plan.side)
+            bar.update(len(span))
 
 
 def _reader(source, column: str):
@@ -149,27 +196,57 @@ def _checked_options(tokenizer, batch_size, padding_side, max_length) -> str:
 # ---- reducing an analysis over the batches ----------------------------------------------------
 def reduce(im, source, tokenizer, analysis, *, reduce: str = "mean", batch_size: int = 8,
            padding_side: str | None = None, column: str = "text", max_length: int | None = None,
-           position_ids: bool | None = None, progress: bool | None = True) -> dict[str, torch.Tensor]:
+           position_ids: bool | None = None, progress: bool | None = True, distributed: bool | None = None,
+           checkpoint=None) -> dict[str, torch.Tensor]:
     """analysis(im, batch) -> {name: [b, ...]} on every batch of `source` (see `batches`), reduced
     over the examples, on the CPU: "mean" and "sum" keep a running fp64 sum (floating results come
     back in at least fp32; a mean of integers in fp32) and need one shape per example throughout;
     "none" keeps every row, in source order, and pads an axis that differs between batches
     with NaN at its end (floating results only; a per-token result keeps each batch's pad
     positions as the model computed them). position_ids=None: left-padded batches get them when
-    the model's forward takes position_ids."""
+    the model's forward takes position_ids.
+    distributed: None shares the batches among the ranks when a torch.distributed process group
+    of more than one rank is initialised (torchrun), True requires one, False runs them all here.
+    checkpoint: a folder where each finished batch is written; a rerun skips those (see the module)."""
     if reduce not in REDUCTIONS:
         raise InvalidArgumentError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
     if not callable(analysis):
         raise InvalidArgumentError(f"analysis must be a callable (im, batch) -> dict of tensors, got {analysis!r}")
+    rank, world = _ranks(distributed)
+    device = _device(im)
+    wire = _wire_device(device) if world > 1 else None
     if position_ids is None and not _takes(im, "position_ids"):
         position_ids = False
+    plan = _plan(source, tokenizer, batch_size, padding_side, column, max_length, position_ids, device)
+    store = _Checkpoint(checkpoint, plan, reduce) if checkpoint is not None else None
+    parts = _parts(im, analysis, plan, _owned(rank, world, plan.batches), reduce, store,
+                   progress if rank == 0 else False)
     total = _Rows() if reduce == "none" else _Running(mean=reduce == "mean")
-    stream = batches(source, tokenizer, batch_size=batch_size, padding_side=padding_side, column=column,
-                     max_length=max_length, position_ids=position_ids, device=_device(im), progress=progress)
-    with contextlib.closing(stream):         # an analysis that raises closes the bar now, not when collected
-        for batch in stream:
-            total.add(_checked_result(analysis(im, batch), len(batch)))
+    with contextlib.closing(parts):          # an analysis that raises closes the bar now, not when collected
+        if world > 1:           # every rank adds every batch's part in batch order: the one-process sums, exactly
+            parts = sorted(_all_gathered(dict(parts), wire).items())
+        for _, part in parts:   # one process: a batch at a time, one result's memory ("mean", "sum")
+            total.add(part)
     return total.result()
+
+
+def _parts(im, analysis, plan: _Plan, numbers: range, reduce: str, store, progress):
+    """(number, _Part) of each batch of `numbers`, in order: read from the checkpoint where stored,
+    else computed (and stored)."""
+    stored = {n for n in numbers if store is not None and store.has(n)}
+    fresh = [n for n in numbers if n not in stored]
+    stream = _iterate(plan, fresh, progress)
+    with contextlib.closing(stream):
+        for number in numbers:
+            if number in stored:
+                yield number, store.load(number)
+                continue
+            batch = next(stream)
+            part = _part(_checked_result(analysis(im, batch), len(batch)), reduce)
+            if store is not None:
+                store.save(number, part)
+            yield number, part
+        next(stream, None)                   # the bar counts the last batch
 
 
 def _takes(im, name: str) -> bool:
@@ -203,27 +280,36 @@ def _same_names(have, out) -> None:
                                    "return the same names for every batch")
 
 
+def _part(out: dict, reduce: str) -> _Part:
+    dtypes = {name: value.dtype for name, value in out.items()}
+    if reduce == "none":
+        return _Part(len(next(iter(out.values()))), {name: value.cpu() for name, value in out.items()}, dtypes)
+    sums = {}
+    for name, value in out.items():
+        wide = torch.float64 if value.is_floating_point() or value.is_complex() else torch.int64
+        if value.device.type == "mps":           # no fp64 there
+            value = value.cpu()
+        sums[name] = value.sum(0, dtype=wide).cpu()     # one example's size, on the CPU
+    return _Part(len(next(iter(out.values()))), sums, dtypes)
+
+
 class _Running:
     """The sum over examples so far, in fp64 (integers in int64), and how many: what "mean" and "sum" keep."""
 
     def __init__(self, mean: bool):
         self.mean, self.count, self.sums, self.dtypes = mean, 0, None, {}
 
-    def add(self, out: dict) -> None:
-        _same_names(self.sums, out)
+    def add(self, part: _Part) -> None:
+        _same_names(self.sums, part.tensors)
         sums = self.sums or {}
-        for name, value in out.items():
-            wide = torch.float64 if value.is_floating_point() or value.is_complex() else torch.int64
-            if value.device.type == "mps":           # no fp64 there
-                value = value.cpu()
-            part = value.sum(0, dtype=wide).cpu()    # one example's size, on the CPU
-            if name in sums and sums[name].shape != part.shape:
+        for name, value in part.tensors.items():
+            if name in sums and sums[name].shape != value.shape:
                 raise ShapeMismatchError(
                     f"reduce='mean'/'sum' needs one shape per example, but {name!r} was {list(sums[name].shape)} and "
-                    f"is now {list(part.shape)}: read fixed positions (data.last_token) or use reduce='none'")
-            sums[name] = sums[name] + part if name in sums else part
-            self.dtypes[name] = value.dtype
-        self.sums, self.count = sums, self.count + next(iter(out.values())).shape[0]
+                    f"is now {list(value.shape)}: read fixed positions (data.last_token) or use reduce='none'")
+            sums[name] = sums[name] + value if name in sums else value
+        self.sums, self.count = sums, self.count + part.rows
+        self.dtypes.update(part.dtypes)
 
     def result(self) -> dict[str, torch.Tensor]:
         out = {}
@@ -242,11 +328,11 @@ class _Rows:
     def __init__(self):
         self.parts = None
 
-    def add(self, out: dict) -> None:
-        _same_names(self.parts, out)
-        parts = self.parts or {name: [] for name in out}
-        for name, value in out.items():
-            parts[name].append(value.cpu())
+    def add(self, part: _Part) -> None:
+        _same_names(self.parts, part.tensors)
+        parts = self.parts or {name: [] for name in part.tensors}
+        for name, value in part.tensors.items():
+            parts[name].append(value)
         self.parts = parts
 
     def result(self) -> dict[str, torch.Tensor]:
@@ -319,11 +405,15 @@ def token_loss():
 
 
 # ---- results on disk --------------------------------------------------------------------------
-def save(path, tensors: Mapping, *, labels=None, metadata: Mapping | None = None) -> None:
+def save(path, tensors: Mapping, *, labels=None, metadata: Mapping | None = None,
+         distributed: bool | None = None) -> None:
     """Write `tensors` ({name: tensor}) to a safetensors file, with `labels` (a list, e.g. one
     text or class per example, or a dict of such lists) and `metadata` ({str: value}) as JSON in
     its header. Both must be JSON that reads back equal (str, numbers, bools, None, lists, dicts
-    with str keys; no NaN); a tuple of labels is saved as a list. Never pickles."""
+    with str keys; no NaN); a tuple of labels is saved as a list. Never pickles.
+    distributed (as reduce's): under a process group of more than one rank only rank 0 writes; the
+    others check the arguments and return at once (no barrier: dist.barrier() before another rank
+    reads the file). False: every process writes."""
     from safetensors.torch import save_file
 
     header = {}
@@ -335,7 +425,9 @@ def save(path, tensors: Mapping, *, labels=None, metadata: Mapping | None = None
         if not isinstance(metadata, Mapping):
             raise InvalidArgumentError(f"metadata must be a dict, got {type(metadata).__name__}")
         header[_METADATA] = _json(dict(metadata), "metadata")
-    save_file(_savable(tensors), os.fspath(path), metadata=header)
+    tensors = _savable(tensors)
+    if _ranks(distributed)[0] == 0:
+        save_file(tensors, os.fspath(path), metadata=header)
 
 
 def load(path) -> tuple[dict[str, torch.Tensor], object, dict | None]:
@@ -360,19 +452,3 @@ def _json(value, what: str) -> str:
         raise InvalidArgumentError(f"{what} would not read back equal from JSON (a tuple reads back as a list, a "
                                    "non-str key as a str): pass lists and str keys")
     return text
-
-
-def _savable(tensors) -> dict[str, torch.Tensor]:
-    """Detached, contiguous CPU tensors; a tensor sharing memory with an earlier one is copied
-    (safetensors refuses shared storage)."""
-    if not isinstance(tensors, Mapping):
-        raise InvalidArgumentError(f"tensors must be a dict {{name: tensor}}, got {type(tensors).__name__}")
-    out, seen = {}, set()
-    for name, value in tensors.items():
-        if not isinstance(name, str) or not isinstance(value, torch.Tensor):
-            raise InvalidArgumentError(f"tensors must be {{str: tensor}}, got {name!r}: {type(value).__name__}")
-        value = value.detach().cpu().contiguous()
-        storage = value.untyped_storage().data_ptr()
-        out[name] = value.clone() if storage in seen and value.numel() else value
-        seen.add(storage)
-    return out
