@@ -28,7 +28,7 @@ MIN_TESTS := tests/test_lower.py tests/test_compile.py tests/test_passes.py test
 	tests/test_lrp_rules.py tests/test_attention_stats.py tests/test_attention_argmax.py tests/test_readout.py tests/test_backends.py \
 	tests/test_errors.py tests/test_generation.py tests/test_hf_parity.py tests/test_graph_breaks.py tests/test_cuda_build.py
 
-.PHONY: demo test test-min test-gpu gpu-check bench install clean check-cuda support-table browser
+.PHONY: demo test test-min test-gpu gpu-check bench install clean check-cuda support-table browser docs
 
 install: $(STAMP)
 
@@ -81,6 +81,14 @@ browser:
 	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium; }
 	/usr/bin/chromium --version
 
+# docs: the site (docs/ + the API reference from the docstrings) into site/, offline; --strict turns
+# every warning (a broken link, a page outside the nav, an unreadable docstring) into a failure.
+docs: $(STAMP)
+	$(PY) -c "import mkdocstrings_handlers.python" 2>/dev/null || $(PY) -c "import tomllib; \
+	  print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['docs']))" \
+	  | xargs -d '\n' $(PY) -m pip install -q
+	$(PY) -m mkdocs build --strict
+
 support-table: $(STAMP)   # README's per-family table, rendered from tests/zoo.py
 	$(PY) tests/support_table.py --write
 
@@ -97,4 +105,4 @@ bench: $(STAMP)
 	$(PY) bench/records.py
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info src/attnfx/*.so demo-out .pytest_cache .hypothesis
+	rm -rf $(VENV) build src/*.egg-info src/attnfx/*.so demo-out site .pytest_cache .hypothesis

@@ -3,7 +3,7 @@ what ptxas made of each: block sizes, warps, stages, registers, spills, shared m
 matrix instruction (wgmma, mma.sync, or neither: FMA).
 
     python tools/sm90_table.py            # Markdown table
-    python tools/sm90_table.py --write    # the table into README.md, between its markers
+    python tools/sm90_table.py --write    # the table into docs/guides/ops.md, between its markers
     python tools/sm90_table.py --json     # rows for tests/test_sm90_compile.py
 
 Each variant runs the real launcher (kernels/attention.py) on small CPU tensors with the launch
@@ -199,27 +199,27 @@ def markdown(table) -> str:
     return "\n".join(lines)
 
 
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+GUIDE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "guides", "ops.md")
 START, END = "<!-- sm90-table:start -->", "<!-- sm90-table:end -->"
 
 
 def in_readme(text: str) -> str:
-    """The table between README's markers."""
+    """The table between the markers of the ops guide's text."""
     return text.split(START, 1)[1].split(END, 1)[0].strip("\n")
 
 
 def write_readme(table) -> None:
-    with open(README, encoding="utf-8") as f:
+    with open(GUIDE, encoding="utf-8") as f:
         text = f.read()
     head, rest = text.split(START, 1)
-    with open(README, "w", encoding="utf-8") as f:
+    with open(GUIDE, "w", encoding="utf-8") as f:
         f.write(head + START + "\n" + markdown(table) + "\n" + END + rest.split(END, 1)[1])
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print {'rows': [...]} or {'skip': reason}")
-    parser.add_argument("--write", action="store_true", help="replace the table in README.md")
+    parser.add_argument("--write", action="store_true", help="replace the table in docs/guides/ops.md")
     args = parser.parse_args()
     reason = _unavailable()
     if reason is not None:
