@@ -408,7 +408,7 @@ def _attention_bwd_dq(
              (dq * (sm_scale * q_grad_scale)).to(DQ.dtype.element_ty), mask=q_mask)
 
 
-# AttnLRP (DESIGN §3): uniform rule on QKᵀ and on AV → grad q, k × ¼ and grad v × ½.
+# AttnLRP (docs/design.md §3): uniform rule on QKᵀ and on AV → grad q, k × ¼ and grad v × ½.
 LRP_GRAD_SCALES = {"q": 0.25, "k": 0.25, "v": 0.5}
 
 

@@ -1,4 +1,4 @@
-"""DESIGN §6 invariants on every family: identity, exact head decomposition, readout sums,
+"""docs/design.md §6 invariants on every family: identity, exact head decomposition, readout sums,
 scale-1 identity, and steering equal to reference forward hooks written here."""
 import pytest
 import torch

@@ -134,7 +134,7 @@ def test_norm_backwards_are_autograd_through_a_detached_normaliser(impl):
 
 
 def test_norms_conserve_relevance_without_bias(impl):
-    """Σ x·grad_x = Σ y·grad_y for LayerNorm (no bias) and RMSNorm: the identity rule (DESIGN §3)."""
+    """Σ x·grad_x = Σ y·grad_y for LayerNorm (no bias) and RMSNorm: the identity rule (docs/design.md §3)."""
     x, w, _ = (t.double() for t in _inputs((5, 31), torch.float32))
     x.requires_grad_()
     for y in (ln_op(x, w, None, EPS), rms_op(x, w, EPS)):

@@ -43,7 +43,7 @@ def test_contrib_cpp_matches_the_reference(shape, d_model, dtype, data):
 
 def test_contrib_is_the_direct_definition():
     """contrib[:, p, i] = z[:, pos_p, h_i] @ W_O[:, h_i·d:(h_i+1)·d]ᵀ, written out, and Σ over all
-    heads is the output projection of z (DESIGN §6)."""
+    heads is the output projection of z (docs/design.md §6)."""
     z, w_o = _z(2, 6, 3, 4, torch.float32), torch.randn(10, 12)
     out = contrib_op(z, w_o, [2, 0], [5, 1])
     want = torch.stack([torch.stack([z[:, p, h] @ w_o[:, h * 4:(h + 1) * 4].T for h in (2, 0)], 1) for p in (5, 1)], 1)

@@ -1,4 +1,4 @@
-"""attnfx.relevance (DESIGN §3): the rules' identities, the efficient pass against the explicit
+"""attnfx.relevance (docs/design.md §3): the rules' identities, the efficient pass against the explicit
 rules on every family, conservation, head relevance, compiled == eager, leaks reported."""
 
 import pytest

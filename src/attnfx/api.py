@@ -1,5 +1,5 @@
 """`instrument(model)`: the model's attention heads become explicit, steerable and recordable
-nodes of its torch.compile graph (DESIGN §1).
+nodes of its torch.compile graph (docs/design.md §1).
 
 The wrapper's traced forward declares the state buffers to dynamo (the marker op) and calls the
 wrapped model's own forward; the shared backend rewrites every captured graph (those dynamo

@@ -1,4 +1,4 @@
-"""Which implementation each attnfx op runs (DESIGN §4): the C++/CUDA extension attnfx._C
+"""Which implementation each attnfx op runs (docs/design.md §4): the C++/CUDA extension attnfx._C
 ("cpp"), a Triton kernel ("triton") or the plain-torch reference ("reference").
 
 Default order, chosen per call from the device of the op's input:

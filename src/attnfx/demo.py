@@ -94,7 +94,7 @@ def summary_table(result: dict) -> str:
 
 
 def checks(result: dict) -> dict:
-    """Properties the run must have whatever the model (DESIGN §6), and the paper's three
+    """Properties the run must have whatever the model (docs/design.md §6), and the paper's three
     observations (reported, not enforced: they hold for a model with competing mechanisms)."""
     rates, base = result["baseline"], result["baseline"]["in_context"]
     up = max(p["in_context"] for p in result["sweeps"]["in_context_head"]["points"] if p["factor"] > 1)

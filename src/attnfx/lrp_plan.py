@@ -1,4 +1,4 @@
-"""Which AttnLRP rule applies where in a graph (DESIGN §3) — a pure analysis shared by the
+"""Which AttnLRP rule applies where in a graph (docs/design.md §3) — a pure analysis shared by the
 efficient rewrite (passes/lrp.py) and the explicit-rule reference (analysis/lrp_explicit.py).
 
 Relevance flows along *activations*: nodes computed from the token embeddings or a float user

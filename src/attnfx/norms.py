@@ -1,6 +1,6 @@
 """Find normalisation layers in a graph, by pattern: LayerNorm (F.layer_norm), RMSNorm (F.rms_norm,
 or HF's hand-written x · rsqrt(mean(x²) + ε) · γ). Pure analysis: the final-norm finder (logit
-attribution) and the LRP pass (σ detached, DESIGN §3) both read it."""
+attribution) and the LRP pass (σ detached, docs/design.md §3) both read it."""
 from __future__ import annotations
 
 import operator

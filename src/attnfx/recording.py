@@ -1,4 +1,4 @@
-"""`with im.record(...) as rec:` — records come back as extra graph outputs (DESIGN §1); this
+"""`with im.record(...) as rec:` — records come back as extra graph outputs (docs/design.md §1); this
 object sorts them per call:
 
     rec["z"]          list over layers of [b, t, H, d_head] (the steered head outputs)

@@ -1,6 +1,6 @@
 """Find attention computations in a dynamo graph, by pattern (never by class name).
 
-Two patterns are matched (DESIGN §1):
+Two patterns are matched (docs/design.md §1):
 
 * ``sdpa_call``: ``F.scaled_dot_product_attention(q, k, v, ...)``
 * ``matmul_softmax_matmul``: ``softmax(q @ kᵀ ⋯) @ v`` with any mix of scaling, masking,

@@ -1,4 +1,4 @@
-"""Find the path from the residual stream to the logits in a graph, by pattern (DESIGN §2):
+"""Find the path from the residual stream to the logits in a graph, by pattern (docs/design.md §2):
 
     logits = post(x̂ W_Uᵀ + b_U),   x̂ = norm(x)
 

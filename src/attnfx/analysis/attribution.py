@@ -1,4 +1,4 @@
-"""Direct logit attribution (DESIGN §2) through every path that is linear once frozen.
+"""Direct logit attribution (docs/design.md §2) through every path that is linear once frozen.
 
 The graph's residual stream, from the final norm's input back to its components, is a tree of
 sums, constant scales and norms (attnfx.unembed.FinalNormInfo.stream): pre-norm models' residual

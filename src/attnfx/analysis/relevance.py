@@ -1,5 +1,5 @@
 """`attnfx.relevance`: AttnLRP / CP-LRP relevance of tokens, heads, attention and MLP outputs and
-the residual stream, from one forward and one backward of the instrumented graph (DESIGN §3).
+the residual stream, from one forward and one backward of the instrumented graph (docs/design.md §3).
 
 The probe pass multiplies every component by a gate of ones; the lrp pass gives the graph the
 rules' local Jacobians; the gradient of the target at each gate is then Σ x ⊙ ∂f/∂x under those
@@ -58,7 +58,7 @@ class Relevance:
         """Σ relevance of each component set per example ([b], or [b, L] per layer, each layer over
         its own positions) beside the target: equal for a bias-free model of linear, norm and
         uniform-rule ops; biases absorb their share and the softmax rule is not conservative
-        (DESIGN §3)."""
+        (docs/design.md §3)."""
         sums = {"target": self.target}
         for name in ("tokens", "residual", "attn", "mlp"):
             value = getattr(self, name)

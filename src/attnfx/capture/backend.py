@@ -1,6 +1,6 @@
 """The shared dynamo backend. One instance per execution mode for the whole process: dynamo
 guards on the backend, so a backend per model would recompile per model and, past dynamo's
-recompile limit, silently run un-instrumented (DESIGN §1). Per-model state never lives here:
+recompile limit, silently run un-instrumented (docs/design.md §1). Per-model state never lives here:
 it arrives as graph inputs (the marker; after a graph break, capture/resumed.py), and the owner
 of a call is read from the call context."""
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Dynamo drops buffers that the traced code does not compute with; a mutating op is kept, so
 calling it on the wrapper's state buffers makes dynamo lift them as graph inputs (exactly as
 parameters are lifted). The backend reads the state placeholders from this node's arguments,
-reads the Spec from its string argument, and erases it (DESIGN §1)."""
+reads the Spec from its string argument, and erases it (docs/design.md §1)."""
 from __future__ import annotations
 
 import torch

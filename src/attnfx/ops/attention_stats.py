@@ -1,5 +1,5 @@
 """`attnfx::attention_stats`: log-sum-exp and attention mass on key spans of every attention row,
-without the T×S matrix (retrieval / lookback scores; DESIGN §4).
+without the T×S matrix (retrieval / lookback scores; docs/design.md §4).
 
     lse, mass = torch.ops.attnfx.attention_stats(q, k, key_mask, spans, causal, sm_scale)
 

@@ -1,4 +1,4 @@
-"""AttnLRP's rules as local Jacobians (Achtibat et al. 2024, "AttnLRP"; DESIGN §3), as torch.library
+"""AttnLRP's rules as local Jacobians (Achtibat et al. 2024, "AttnLRP"; docs/design.md §3), as torch.library
 ops whose forwards equal torch's and whose backwards are the rules. Each backward is an op of its
 own (the graph pass and AOT autograd see one node). Implementations: "cpp" (attnfx._C: the
 forwards call ATen, the backwards are one fused pass; CPU and CUDA) and "reference".

@@ -1,5 +1,5 @@
 """`attnfx::head_readout` and `attnfx::head_contrib`: per-head projections of the head outputs
-z (DESIGN §2), as torch.library ops (custom_op + register_fake + register_autograd).
+z (docs/design.md §2), as torch.library ops (custom_op + register_fake + register_autograd).
 
     readout = torch.ops.attnfx.head_readout(z, u)                   # fp32 [b, t, H, K]
     contrib = torch.ops.attnfx.head_contrib(z, w_o, heads, positions)   # z's dtype [b, P, n, d_model]

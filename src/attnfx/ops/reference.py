@@ -1,4 +1,4 @@
-"""Plain-torch references of the kernels (DESIGN §4): materialise everything, no tricks.
+"""Plain-torch references of the kernels (docs/design.md §4): materialise everything, no tricks.
 
 `attention(q, k, v, ...)` is the oracle of `kernels/attention.py`: same arguments, same
 outputs, computed from the full [b, H, T, S] probability matrix in fp32.

@@ -1,5 +1,5 @@
 """LRP pass: AttnLRP / CP-LRP as modified local Jacobians, so that relevance is gradient × input
-under the rewritten backward and every fused kernel is kept (DESIGN §3; the LXT "efficient"
+under the rewritten backward and every fused kernel is kept (docs/design.md §3; the LXT "efficient"
 formulation, Achtibat et al. 2024). Applies a `lrp_plan.Plan`; the forward stays exact:
 
 * norm          → attnfx::lrp_layer_norm / lrp_rms_norm (σ constant in the backward), or the
