@@ -191,8 +191,9 @@ def _token_node(graph: Graph, user_inputs: set[Node]) -> Node | None:
     return floats[0] if len(floats) == 1 else None
 
 
-def find_blocks(graph: Graph, sites: list[AttentionSite], user_inputs: set[Node]) -> Blocks:
-    """Components of each site's layer (sites in graph order); None where a pattern is absent."""
+def find_blocks(graph: Graph, sites: list[AttentionSite], user_inputs: set[Node], final_input: Node | None) -> Blocks:
+    """Components of each site's layer (sites in graph order); None where a pattern is absent.
+    final_input: the final norm's input (unembed.find_final_norm), where the stream tree starts."""
     d_model = None
     attn_out = []
     for site in sites:
@@ -210,7 +211,7 @@ def find_blocks(graph: Graph, sites: list[AttentionSite], user_inputs: set[Node]
         if layer is not None and mlp_out[layer] is None:
             mlp_out[layer] = _as_stream(node, d_model)
     resid_pre = [_resid_pre(s, _shape(out)[-1] if out is not None else None) for s, out in zip(sites, attn_out)]
-    stream = _final_stream(graph, sites, attn_out, resid_pre)
+    stream = _final_stream(graph, final_input, sites, attn_out, resid_pre)
     branches = [leaf for leaf in leaves(stream) if leaf[0] == "mlp"] if stream is not None else []
     for leaf in branches:
         # The branch the stream adds is the MLP's output: a whole MoE layer (experts + shared
@@ -250,12 +251,10 @@ def _mlp_reads(hidden: Node | None, steps: int = 24) -> Node | None:
     return None
 
 
-def _final_stream(graph, sites, attn_out, resid_pre):
-    from .unembed import find_final_norm             # unembed reads the stream tree defined here
-    final = find_final_norm(graph)
-    if final is None or not isinstance(final.input, Node) or not sites:
+def _final_stream(graph, final_input, sites, attn_out, resid_pre):
+    if not isinstance(final_input, Node) or not sites:
         return None
-    return stream_tree(graph, final.input, sites, attn_out, resid_pre)
+    return stream_tree(graph, final_input, sites, attn_out, resid_pre)
 
 
 # ---- the residual stream as a linear-once-frozen expression ----------------------------------------

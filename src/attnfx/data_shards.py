@@ -21,14 +21,11 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from .errors import InvalidArgumentError
 
-if TYPE_CHECKING:                   # annotations only: data.py imports this module
-    from .data import _Plan
 
 # keys of the safetensors header of a checkpoint file or a gathered blob (data.py's own: labels, metadata)
 _PARTS, _RUN, _TEXTS = "attnfx.parts", "attnfx.run", "attnfx.texts"
@@ -124,7 +121,7 @@ class _Checkpoint:
     whole (to a temporary name, then os.replace), each stamped with the run's arguments and its
     batch's texts so that a rerun of another sweep is refused instead of mixed in."""
 
-    def __init__(self, folder, plan: _Plan, reduce: str):
+    def __init__(self, folder, plan, reduce: str):       # plan: data._Plan (data.py imports this module)
         self.folder, self.plan, self.names = Path(folder), plan, None
         self.run = json.dumps({"examples": plan.count, "batch_size": plan.size, "reduce": reduce,
                                "padding_side": plan.side, "position_ids": plan.positions,

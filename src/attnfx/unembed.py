@@ -140,7 +140,7 @@ def final_norm_info(graph: Graph, sites, names: dict, keys: list):
         return None
     name = lambda node: names.get(_through(node)) if isinstance(node, Node) else None  # noqa: E731
     post = tuple((op, name(v) if isinstance(v, Node) else v) for op, v in norm.post)
-    stream = find_blocks(graph, sites, set()).stream if sites else None
+    stream = find_blocks(graph, sites, set(), norm.input).stream if sites else None
     return FinalNormInfo(norm.kind, norm.eps, name(norm.weight), name(norm.unembed_weight), norm.unembed_layout,
                          name(norm.bias), norm.weight_offset, name(norm.unembed_bias), post, norm.softcap,
                          None if stream is None else _describe(stream, sites, name, keys))

@@ -26,6 +26,7 @@ from ..blocks import find_blocks
 from ..sites import _VIEW_FUNCTIONS, _VIEW_METHODS, find_sites
 from ..norms import PASS_METHODS
 from ..passes.record import head_output
+from ..unembed import find_final_norm
 
 EPS = 1e-12
 _MOVE_FNS = _VIEW_FUNCTIONS | {operator.getitem, torch.cat, torch.concat, torch.stack, F.dropout, torch.clone,
@@ -266,7 +267,8 @@ def explicit_relevance(model, inputs: dict, target_fn, rule: str = "attnlrp") ->
         user = {n for n, v in zip(placeholders, example_inputs) if id(v) not in params}
         sites, _ = find_sites(gm.graph)
         heads = [head_output(s, s.attn) for s in sites]       # z, or z ⊙ g per head on a gated site
-        blocks = find_blocks(gm.graph, sites, user)
+        final = find_final_norm(gm.graph)
+        blocks = find_blocks(gm.graph, sites, user, final.input if final is not None else None)
         sources = lrp_plan.activation_sources(gm.graph, user)
         plan = lrp_plan.plan(gm.graph, sources, sites, rule)
         taps: dict[Node, list] = {}

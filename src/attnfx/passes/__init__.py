@@ -27,7 +27,7 @@ def rewrite(gm: GraphModule, sites: list[tuple[int, AttentionSite]], spec: Spec,
             rule_ops: bool = True, cross: frozenset = frozenset()) -> Rewritten:
     """steer → record → probe → lower → lrp, then one lint and recompile."""
     found = [site for _, site in sites]
-    blocks = find_blocks(gm.graph, found, user_inputs) if spec.touches() else None
+    blocks = find_blocks(gm.graph, found, user_inputs, final_norm_input) if spec.touches() else None
     steered = steer.apply(gm, sites, state, value_unbiased=spec.value_unbiased, positions=spec.positions,
                           cross=cross)
     out = Rewritten(record.apply(gm, sites, steered, spec, state, final_norm_input))
