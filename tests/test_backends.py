@@ -1,4 +1,4 @@
-"""attnfx.backends: the default order, explicit overrides, and no silent fallback: a forced
+"""attnfx.ops.backends: the default order, explicit overrides, and no silent fallback: a forced
 implementation that cannot run raises BackendUnavailableError. Without attnfx._C (simulated)
 the package still imports and runs every op on the reference, and says what is missing."""
 import subprocess
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import attnfx
-from attnfx import backends
+from attnfx.ops import backends
 from attnfx.errors import BackendUnavailableError, InvalidArgumentError
 from attnfx.ops import _cpp, readout
 
@@ -106,7 +106,7 @@ def test_a_fresh_interpreter_without_the_extension():
         import sys
         sys.modules["attnfx._C"] = None                  # import attnfx._C now raises ImportError
         import torch, attnfx
-        from attnfx import backends
+        from attnfx.ops import backends
         from attnfx.errors import BackendUnavailableError
         print(backends.report(["cpu"]))
         x = torch.randn(2, 3, 8, requires_grad=True)

@@ -134,7 +134,7 @@ def test_cuda_kernels_match_the_reference(dtype):
 
 
 def test_default_backend_on_cpu_is_cpp():
-    from attnfx import backends
+    from attnfx.ops import backends
 
     assert backends.choose("head_readout", "cpu") == "cpp"
     assert not CUDA or backends.choose("head_readout", "cuda") in ("cpp", "reference")

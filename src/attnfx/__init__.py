@@ -25,7 +25,7 @@ _LAZY = {
     "SiteInfo": (".siteinfo", "SiteInfo"),
     "FinalNormInfo": (".siteinfo", "FinalNormInfo"),
     "PATTERNS": (".sites", "PATTERNS"),
-    "set_backend": (".backends", "set_backend"),
+    "set_backend": (".ops.backends", "set_backend"),
     "head_attribution": (".analysis.attribution", "head_attribution"),
     "logit_attribution": (".analysis.attribution", "logit_attribution"),
     "LogitAttribution": (".analysis.attribution", "LogitAttribution"),

@@ -63,7 +63,7 @@ class RelevanceLeakWarning(UserWarning):
 
 
 class BackendUnavailableError(AttnfxError, RuntimeError):
-    """An op was forced onto an implementation it lacks or that cannot run here (attnfx.backends)."""
+    """An op was forced onto an implementation it lacks or that cannot run here (attnfx.ops.backends)."""
 
 
 class LoweringWarning(UserWarning):

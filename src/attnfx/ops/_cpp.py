@@ -1,7 +1,7 @@
 """The C++/CUDA extension `attnfx._C` (csrc/), loaded on first use.
 
 Importing attnfx never needs it: when it is missing, `missing()` names what is missing and how to
-build it, and attnfx.backends runs every op on another implementation (or raises, when "cpp" was
+build it, and attnfx.ops.backends runs every op on another implementation (or raises, when "cpp" was
 forced). Its raw ops live in `torch.ops.attnfx_C`; their fakes are registered here once the
 library is loaded (torch.library refuses fakes for an op that does not exist yet).
 """

@@ -28,7 +28,7 @@ import torch
 
 from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
 
-from .. import backends
+from . import backends
 from ..errors import DeviceMismatchError, InvalidArgumentError, ShapeMismatchError
 from . import reference
 

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from .. import backends
+from . import backends
 from ..errors import DeviceMismatchError, DTypeMismatchError, ShapeMismatchError
 from . import _cpp, reference
 

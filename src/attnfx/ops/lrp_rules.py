@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .. import backends
+from . import backends
 from ..errors import DeviceMismatchError, DTypeMismatchError, InvalidArgumentError, ShapeMismatchError
 from . import _cpp
 

@@ -8,7 +8,7 @@ z [b, t, H, d] is the head output; u [H, d, K] holds K readout directions per he
 (u_h = W_O[:, h]ᵀ r); w_o [d_model, H·d] is the output projection in nn.Linear's layout.
 contrib[:, p, i] = z[:, positions[p], heads[i]] @ w_o[:, h·d:(h+1)·d]ᵀ (positions None: all).
 Both accumulate in fp32. Implementations: "cpp" (attnfx._C, CPU and CUDA) and "reference"
-(attnfx.backends chooses). Gradients flow to z and u / w_o.
+(attnfx.ops.backends chooses). Gradients flow to z and u / w_o.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .. import backends
+from . import backends
 from ..errors import DeviceMismatchError, DTypeMismatchError, InvalidArgumentError, ShapeMismatchError, SiteIndexError
 from . import _cpp
 

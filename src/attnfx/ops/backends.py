@@ -25,7 +25,7 @@ import os
 
 import torch
 
-from .errors import BackendUnavailableError, InvalidArgumentError
+from ..errors import BackendUnavailableError, InvalidArgumentError
 
 BACKENDS = ("cpp", "triton", "reference")
 DEFAULT_ORDER = {"cuda": ("triton", "cpp", "reference"), "cpu": ("cpp", "reference")}
@@ -57,7 +57,7 @@ def set_backend(name: str | None, op: str | None = None) -> None:
     if op is not None and name is not None and name not in _impls[op]:
         raise BackendUnavailableError(f"{op} has no {name!r} implementation; it has {sorted(_impls[op])}")
     if name == "cpp":
-        from .ops import _cpp
+        from . import _cpp
 
         if not _cpp.available():
             raise BackendUnavailableError(f"cannot force 'cpp'{'' if op is None else ' for ' + op}: {_cpp.missing()}")
@@ -75,7 +75,7 @@ def _why_not(op: str, name: str, device: torch.device) -> str | None:
     if name not in _impls[op]:
         return f"{op} has no {name} implementation"
     if name == "cpp":
-        from .ops import _cpp
+        from . import _cpp
 
         if not _cpp.available():
             return _cpp.missing()
