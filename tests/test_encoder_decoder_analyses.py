@@ -19,7 +19,7 @@ from _tol import assert_close
 from test_analysis_inputs import _Runs
 from attnfx import calls, metrics, patching
 from attnfx.errors import InvalidArgumentError, ShapeMismatchError
-from attnfx.indices import padded_stack
+from attnfx.state.indices import padded_stack
 from models import VOCAB, PlainAttention
 
 NAN = float("nan")

@@ -237,8 +237,8 @@ def test_only_the_asked_positions_leave_the_graph(name, monkeypatch):
     [b, T, d]: at T = 8k on a 7B model every layer's stream at every position is ~13 GB), and
     those equal the full-sequence captures at the positions."""
     from attnfx.analysis import attribution
-    from attnfx.probing import Probing
-    from attnfx.spec import Spec
+    from attnfx.state.probing import Probing
+    from attnfx.state.spec import Spec
     model, kwargs, im = _instrumented(name)
     sessions = []
 

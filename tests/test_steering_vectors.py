@@ -100,7 +100,7 @@ def test_added_is_undone_on_exit_also_when_the_body_raises():
 def test_resample_ablation_reads_each_head_from_another_example_of_the_reference():
     """Example i's head output becomes the unsteered z of reference example π(i) ≠ i: equal to a
     pre-hook on the output projection writing those columns in; the derangement has no fixed point."""
-    from attnfx.steering import derangement
+    from attnfx.state.steering import derangement
 
     model = models.build(models.FAMILIES["llama"], layers=2, heads=4, kv_heads=2, impl="sdpa")
     gen = lambda: torch.Generator().manual_seed(3)                       # noqa: E731

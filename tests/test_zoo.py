@@ -30,7 +30,7 @@ from transformers.pytorch_utils import Conv1D
 
 import attnfx
 import support_table
-from attnfx.indices import padded_stack
+from attnfx.state.indices import padded_stack
 import zoo
 from _tol import assert_close
 from attnfx import metrics, patching

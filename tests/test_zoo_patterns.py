@@ -214,8 +214,8 @@ def test_gated_heads_are_captured_and_patched_where_w_o_reads_them():
     per-head product W_O then reads changes no value (a zero patch weight is the bare model bit
     for bit); steering still acts on z, which scales z ⊙ g alike."""
     from attnfx import metrics, patching
-    from attnfx.probing import Probing, state_shape
-    from attnfx.spec import Spec
+    from attnfx.state.probing import Probing, state_shape
+    from attnfx.state.spec import Spec
     from zoo import BY_NAME, build, inputs
     family = BY_NAME["qwen3_next"]
     model = build(family, "eager")

@@ -32,7 +32,7 @@ from .errors import (AlreadyInstrumentedError, AttnfxError, DetachedError, Devic
                      UninstrumentedExecutionError, UnsupportedModelError)
 from .roles import site_roles
 from .sites import PATTERNS, example_value
-from .spec import DISCOVER, PLAIN, STEERING_STATE, Spec
+from .state.spec import DISCOVER, PLAIN, STEERING_STATE, Spec
 from .siteinfo import FinalNormInfo, GraphInfo, SiteInfo, format_sites, module_path
 from .tensor_parallel import head_shard
 from .unembed import final_norm_info, find_final_norm
@@ -330,7 +330,7 @@ class InstrumentedModel(nn.Module):
 
     def __init__(self, model: nn.Module, mode: str, fullgraph: bool, lower: bool = False, merged=None):
         super().__init__()
-        from .steering import Steering
+        from .state.steering import Steering
 
         self.model = model
         self._mode = mode
@@ -424,7 +424,7 @@ class InstrumentedModel(nn.Module):
     def record(self, *kinds, directions=None, heads=None, positions=None, layers=None, spans=None):
         """Context manager: `with im.record("z", "readout", directions=R) as rec: im(x)`. Kinds and
         layouts: recording.py; `layers` limits the per-layer components to those layers."""
-        from .recording import Recording
+        from .state.recording import Recording
 
         self._check_attached()
         return Recording(self, kinds, directions=directions, heads=heads, positions=positions, layers=layers,

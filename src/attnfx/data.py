@@ -49,7 +49,7 @@ import torch
 from .calls import last_positions
 from .data_shards import _all_gathered, _Checkpoint, _owned, _Part, _ranks, _savable, _wire_device
 from .errors import InvalidArgumentError, ShapeMismatchError
-from .indices import as_indices, padded_stack
+from .state.indices import as_indices, padded_stack
 
 __all__ = ["Batch", "batches", "reduce", "last_token", "token_loss", "save", "load", "REDUCTIONS"]
 

@@ -25,8 +25,8 @@ import torch
 from ..blocks import leaves
 from ..calls import as_call, batch_and_length, last_positions, logits_of, positions as _positions, token_ids, vocab_size
 from ..errors import InvalidArgumentError, UnsupportedModelError
-from ..probing import Probing
-from ..spec import Spec
+from ..state.probing import Probing
+from ..state.spec import Spec
 from ..tensor_parallel import refuse_sharded
 
 _WIDE = torch.float64             # the frozen-linear algebra in fp64: the sum is exact to fp32 round-off

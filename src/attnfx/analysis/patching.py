@@ -32,10 +32,10 @@ from tqdm.auto import tqdm
 
 from ..calls import as_call as _call, batch_and_length, main_output
 from ..errors import InvalidArgumentError, ShapeMismatchError, UnsupportedModelError
-from ..indices import padded_stack
+from ..state.indices import padded_stack
 from ..passes.probe import HEAD_KINDS
-from ..probing import Probing, relevance_dtype, state_shape
-from ..spec import Spec
+from ..state.probing import Probing, relevance_dtype, state_shape
+from ..state.spec import Spec
 from ..tensor_parallel import refuse_sharded
 from . import qk_fix
 from .metrics import OutputsMetric, wide

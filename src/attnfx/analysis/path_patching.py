@@ -24,9 +24,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import InvalidArgumentError, SiteIndexError, UnsupportedModelError
-from ..indices import as_index
-from ..probing import Probing, state_shape
-from ..spec import Spec
+from ..state.indices import as_index
+from ..state.probing import Probing, state_shape
+from ..state.spec import Spec
 from .patching import PatchingResult, _check, _metric, _tile
 
 INPUTS = {"q": "queries", "k": "keys", "v": "values"}

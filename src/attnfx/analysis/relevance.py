@@ -31,9 +31,9 @@ import torch
 from ..calls import (INTEGER_FORMS, as_call, batch_and_length, check_vocab, is_integer_like, main_output,
                      output_last_positions, output_length, per_example, positions as _positions, vocab_size)
 from ..errors import AttnfxError, InvalidArgumentError, RelevanceLeakError, RelevanceLeakWarning, ShapeMismatchError
-from ..indices import padded_stack
-from ..probing import Lengths, Probing, relevance_dtype, remeasured, sequence_lengths, state_shape
-from ..spec import RULES, Spec, gate_name
+from ..state.indices import padded_stack
+from ..state.probing import Lengths, Probing, relevance_dtype, remeasured, sequence_lengths, state_shape
+from ..state.spec import RULES, Spec, gate_name
 from ..tensor_parallel import refuse_sharded
 from . import metrics
 

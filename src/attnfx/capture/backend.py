@@ -15,7 +15,7 @@ from ..passes._build import fill_example_values
 from ..passes import decompose
 from ..errors import LoweringWarning, UninstrumentedExecutionError
 from ..sites import find_sites
-from ..spec import Spec
+from ..state.spec import Spec
 from .checkpoint import inline_checkpoints
 from .context import current
 from .flex_kernel import replay_compiled_flex

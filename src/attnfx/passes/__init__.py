@@ -8,7 +8,7 @@ from torch.fx import GraphModule, Node
 from .. import lrp_plan
 from ..blocks import find_blocks
 from ..sites import AttentionSite
-from ..spec import Spec
+from ..state.spec import Spec
 from . import lower as lowering, lrp, probe, record, steer
 
 

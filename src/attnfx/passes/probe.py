@@ -26,7 +26,7 @@ from torch.fx import GraphModule, Node
 from ..blocks import Blocks, is_flat_stream
 from ..errors import UnsupportedModelError
 from ..sites import AttentionSite, _arg, example_value, value_operand
-from ..spec import Spec, gate_name
+from ..state.spec import Spec, gate_name
 from . import stats
 from ._build import call
 from .positions import stream_addition

@@ -18,7 +18,7 @@ from torch.fx import GraphModule, Node
 
 from ..errors import UnsupportedModelError
 from ..sites import AttentionSite, _gate_operand, _is_call, _walk_back, example_value
-from ..spec import Spec
+from ..state.spec import Spec
 from ._build import call
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import InvalidArgumentError, ShapeMismatchError
-from ..indices import padded_stack
+from ..state.indices import padded_stack
 
 __all__ = ["Lookback", "lookback_ratios", "from_patterns", "step_entropy", "Detector", "fit_logistic",
            "auroc", "roc_curve"]

@@ -17,7 +17,7 @@ import torch
 
 from .. import data
 from ..errors import InvalidArgumentError
-from ..indices import padded_stack
+from ..state.indices import padded_stack
 
 __all__ = ["sink_mass", "batch_sink_mass", "from_patterns"]
 

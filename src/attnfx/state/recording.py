@@ -39,11 +39,11 @@ from __future__ import annotations
 
 import torch
 
-from .errors import (DeviceMismatchError, DTypeMismatchError, InvalidArgumentError,
+from ..errors import (DeviceMismatchError, DTypeMismatchError, InvalidArgumentError,
                      ShapeMismatchError, SteeringValueError, UnsupportedModelError)
 from .indices import as_index, padded_stack
 from .spec import RECORD_KINDS, Spec
-from .tensor_parallel import gather_heads
+from ..tensor_parallel import gather_heads
 
 
 def _next_stream(im, layer: int):

@@ -9,9 +9,9 @@ import math
 
 import torch
 
-from .errors import (DeviceMismatchError, DTypeMismatchError, InvalidArgumentError,
+from ..errors import (DeviceMismatchError, DTypeMismatchError, InvalidArgumentError,
                      ShapeMismatchError, SiteIndexError, SteeringValueError)
-from .calls import as_call
+from ..calls import as_call
 from .indices import as_indices, padded_stack
 from .positions import VECTOR_GROUPS, Positions
 from .spec import STEERING_STATE
@@ -93,7 +93,7 @@ class Steering:
     # ---- knobs -----------------------------------------------------------------------------
     def scale(self, layer, head, factor, *, on: str = "z", positions=None, rows=None) -> None:
         """Multiply head(s) by `factor` (at `positions` only: query positions for z and query, key
-        positions for the values; on batch `rows` only; see attnfx.positions). on="z": the head output z_h (query head); "value": the
+        positions for the values; on batch `rows` only; see attnfx.state.positions). on="z": the head output z_h (query head); "value": the
         value vectors of kv head(s) with their bias (= z of every query head of the group);
         "value_unbiased": only the input-dependent part of v, keeping κ = β·W_V + b_V constant
         (β: the bias of the norm feeding v; TransformerLens' folded biases, Yu et al. 2023; its

@@ -7,7 +7,7 @@ import operator
 
 import torch
 
-from .errors import SiteIndexError
+from ..errors import SiteIndexError
 
 
 def as_index(value, size: int, what: str) -> int:
