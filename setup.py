@@ -1,6 +1,6 @@
-"""Build script: the package, and the C++/CUDA extension `attnfx._C` from csrc/ (DESIGN §4).
+"""Build script: the package, and the C++/CUDA extension `attnfx._C` from csrc/ (docs/design.md §4).
 
-The extension is optional at runtime (attnfx.backends says what each op runs on without it).
+The extension is optional at runtime (attnfx.ops.backends says what each op runs on without it).
 Its C++ sources are always built; the .cu sources are added when torch is a CUDA build and a
 CUDA toolkit is found (CUDA_HOME), so a CPU wheel of torch builds the CPU kernels only.
 `make check-cuda` (tools/check_cuda_build.py) checks the CUDA build's source list from
@@ -37,7 +37,7 @@ def _extension():
 
 
 if __name__ == "__main__":          # setuptools runs this file as __main__; the build check imports it
-    # kernels/ sits at the top of the repository (DESIGN §5) and installs as attnfx.kernels.
+    # kernels/ sits at the top of the repository (docs/design.md §5) and installs as attnfx.kernels.
     setup(packages=find_packages("src") + ["attnfx.kernels"],
           package_dir={"": "src", "attnfx.kernels": "kernels"},
           ext_modules=[_extension()],

@@ -20,7 +20,7 @@ import _edge_patching
 import _harness
 import attnfx
 from attnfx import metrics, patching
-from attnfx.calls import as_call
+from attnfx.graph.calls import as_call
 from attnfx.models.loader import load_default, load_prompts
 from attnfx.recipes import flow
 

@@ -1,4 +1,4 @@
-// AttnLRP's rules as local Jacobians (Achtibat et al. 2024, "AttnLRP", §3; DESIGN §3), on CPU.
+// AttnLRP's rules as local Jacobians (Achtibat et al. 2024, "AttnLRP", §3; docs/design.md §3), on CPU.
 //   lrp_act:        y = f(x) (ATen's own f);  backward  grad_x = grad · f(x) / (x + ε·sign(x)),
 //                   sign(0) = +1 (the identity rule with a sign-aware ε; f recomputed from x).
 //   lrp_layer_norm: y = LayerNorm(x);  backward with σ = √(var(x) + eps) held constant:

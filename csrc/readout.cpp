@@ -1,4 +1,4 @@
-// attnfx_C::head_readout and attnfx_C::head_contrib on CPU (DESIGN §2):
+// attnfx_C::head_readout and attnfx_C::head_contrib on CPU (docs/design.md §2):
 //   readout[b, t, h, k]   = Σ_e z[b, t, h, e] · u[h, e, k]                      fp32
 //   contrib[b, p, i, m]   = Σ_e z[b, pos_p, h_i, e] · W_O[m, h_i·d + e]          z's dtype
 // Both are "rows of z times a per-head [d, K] matrix" with fp32 accumulation (contrib's matrix is

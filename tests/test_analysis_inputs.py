@@ -13,7 +13,8 @@ from transformers import BatchEncoding
 
 import attnfx
 from _tol import assert_close
-from attnfx import calls, metrics, patching
+from attnfx import metrics, patching
+from attnfx.graph import calls
 from attnfx.errors import InvalidArgumentError, ShapeMismatchError
 from models import FAMILIES, VOCAB, build
 

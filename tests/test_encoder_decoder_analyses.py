@@ -17,7 +17,8 @@ import attnfx
 import zoo
 from _tol import assert_close
 from test_analysis_inputs import _Runs
-from attnfx import calls, metrics, patching
+from attnfx import metrics, patching
+from attnfx.graph import calls
 from attnfx.errors import InvalidArgumentError, ShapeMismatchError
 from attnfx.state.indices import padded_stack
 from models import VOCAB, PlainAttention

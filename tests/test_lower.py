@@ -171,7 +171,7 @@ def test_padded_batches_are_lowered(family, side, monkeypatch):
 def _lowering_of(fn, *inputs):
     """The lower pass's verdict on fn's one SDPA call: (reason kept or None, terms)."""
     from attnfx.passes import lower
-    from attnfx.sites import find_sites
+    from attnfx.graph.sites import find_sites
     seen = []
 
     def backend(gm, example_inputs):

@@ -5,7 +5,7 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 import attnfx
-from attnfx.sites import find_sites
+from attnfx.graph.sites import find_sites
 from models import FAMILIES, build
 
 

@@ -101,7 +101,7 @@ def test_routes_equal_the_explicit_decomposition(setup, heads):
 
 def test_importances_of_an_update_sum_to_one(setup):
     model, im, batch = setup
-    rec, writes = flow._components(im, *attnfx.calls.as_call(batch))
+    rec, writes = flow._components(im, *attnfx.graph.calls.as_call(batch))
     for node in [("resid", 4, 3), ("mid", 2, 5), ("mid", 0, 0)]:
         total = sum(w for _, w, _ in flow._incoming(im, rec, writes, node, 0, heads=True))
         assert abs(total - 1.0) < 1e-5

@@ -10,7 +10,7 @@ from torch._dynamo.utils import counters
 
 import attnfx
 from _tol import TOL
-from attnfx import lrp_plan
+from attnfx.graph import lrp_plan
 from attnfx.analysis.lrp_explicit import explicit_relevance
 from attnfx.errors import InvalidArgumentError, RelevanceLeakError, RelevanceLeakWarning, ShapeMismatchError
 from attnfx.passes import lrp

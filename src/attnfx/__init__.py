@@ -22,9 +22,9 @@ __version__ = "0.1.0"
 _LAZY = {
     "instrument": (".api", "instrument"),
     "InstrumentedModel": (".api", "InstrumentedModel"),
-    "SiteInfo": (".siteinfo", "SiteInfo"),
-    "FinalNormInfo": (".siteinfo", "FinalNormInfo"),
-    "PATTERNS": (".sites", "PATTERNS"),
+    "SiteInfo": (".graph.siteinfo", "SiteInfo"),
+    "FinalNormInfo": (".graph.siteinfo", "FinalNormInfo"),
+    "PATTERNS": (".graph.sites", "PATTERNS"),
     "set_backend": (".ops.backends", "set_backend"),
     "head_attribution": (".analysis.attribution", "head_attribution"),
     "logit_attribution": (".analysis.attribution", "logit_attribution"),

@@ -22,7 +22,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from .calls import as_call as _as_call, batch_and_length
+from .graph.calls import as_call as _as_call, batch_and_length
 from .capture import dispatch
 from .capture.backend import BACKENDS, MODES
 from .capture.context import calling
@@ -30,12 +30,12 @@ from .capture.logging_calls import tolerant_logging
 from .errors import (AlreadyInstrumentedError, AttnfxError, DetachedError, DeviceMismatchError, DTypeMismatchError,
                      InvalidArgumentError, NoAttentionFoundError, NotDiscoveredError,
                      UninstrumentedExecutionError, UnsupportedModelError)
-from .roles import site_roles
-from .sites import PATTERNS, example_value
+from .graph.roles import site_roles
+from .graph.sites import PATTERNS, example_value
 from .state.spec import DISCOVER, PLAIN, STEERING_STATE, Spec
-from .siteinfo import FinalNormInfo, GraphInfo, SiteInfo, format_sites, module_path
+from .graph.siteinfo import FinalNormInfo, GraphInfo, SiteInfo, format_sites, module_path
 from .tensor_parallel import head_shard
-from .unembed import final_norm_info, find_final_norm
+from .graph.unembed import final_norm_info, find_final_norm
 
 __all__ = ["instrument", "InstrumentedModel", "SiteInfo", "FinalNormInfo"]
 

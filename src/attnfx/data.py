@@ -46,7 +46,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .calls import last_positions
+from .graph.calls import last_positions
 from .data_shards import _all_gathered, _Checkpoint, _owned, _Part, _ranks, _savable, _wire_device
 from .errors import InvalidArgumentError, ShapeMismatchError
 from .state.indices import as_indices, padded_stack

@@ -1,7 +1,7 @@
 """Direct logit attribution (docs/design.md §2) through every path that is linear once frozen.
 
 The graph's residual stream, from the final norm's input back to its components, is a tree of
-sums, constant scales and norms (attnfx.unembed.FinalNormInfo.stream): pre-norm models' residual
+sums, constant scales and norms (attnfx.graph.unembed.FinalNormInfo.stream): pre-norm models' residual
 adds, post-block norms (OLMo-2, Gemma-2/3), post-LN models' every norm (BART), residual
 multipliers (Granite). With every norm's σ frozen from the same forward pass (each σ computed from
 the components under it), the logit (difference) at position p is linear in each component:
@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..blocks import leaves
-from ..calls import as_call, batch_and_length, last_positions, logits_of, positions as _positions, token_ids, vocab_size
+from ..graph.blocks import leaves
+from ..graph.calls import as_call, batch_and_length, last_positions, logits_of, positions as _positions, token_ids, vocab_size
 from ..errors import InvalidArgumentError, UnsupportedModelError
 from ..state.probing import Probing
 from ..state.spec import Spec

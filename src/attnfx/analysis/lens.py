@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..calls import as_call
+from ..graph.calls import as_call
 from ..errors import InvalidArgumentError, UnsupportedModelError
 
 

@@ -21,12 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch.fx import Interpreter, Node
 
-from .. import lrp_plan
-from ..blocks import find_blocks
-from ..sites import _VIEW_FUNCTIONS, _VIEW_METHODS, find_sites
-from ..norms import PASS_METHODS
+from ..graph import lrp_plan
+from ..graph.blocks import find_blocks
+from ..graph.sites import _VIEW_FUNCTIONS, _VIEW_METHODS, find_sites
+from ..graph.norms import PASS_METHODS
 from ..passes.record import head_output
-from ..unembed import find_final_norm
+from ..graph.unembed import find_final_norm
 
 EPS = 1e-12
 _MOVE_FNS = _VIEW_FUNCTIONS | {operator.getitem, torch.cat, torch.concat, torch.stack, F.dropout, torch.clone,

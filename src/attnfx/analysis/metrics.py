@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ..calls import check_vocab, per_example, positions
+from ..graph.calls import check_vocab, per_example, positions
 from ..errors import InvalidArgumentError, ShapeMismatchError
 
 Metric = Callable[[torch.Tensor], torch.Tensor]

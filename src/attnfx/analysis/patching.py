@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from ..calls import as_call as _call, batch_and_length, main_output
+from ..graph.calls import as_call as _call, batch_and_length, main_output
 from ..errors import InvalidArgumentError, ShapeMismatchError, UnsupportedModelError
 from ..state.indices import padded_stack
 from ..passes.probe import HEAD_KINDS

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..calls import (INTEGER_FORMS, as_call, batch_and_length, check_vocab, is_integer_like, main_output,
+from ..graph.calls import (INTEGER_FORMS, as_call, batch_and_length, check_vocab, is_integer_like, main_output,
                      output_last_positions, output_length, per_example, positions as _positions, vocab_size)
 from ..errors import AttnfxError, InvalidArgumentError, RelevanceLeakError, RelevanceLeakWarning, ShapeMismatchError
 from ..state.indices import padded_stack

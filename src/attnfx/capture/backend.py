@@ -14,7 +14,7 @@ from .. import passes
 from ..passes._build import fill_example_values
 from ..passes import decompose
 from ..errors import LoweringWarning, UninstrumentedExecutionError
-from ..sites import find_sites
+from ..graph.sites import find_sites
 from ..state.spec import Spec
 from .checkpoint import inline_checkpoints
 from .context import current

@@ -32,7 +32,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx import GraphModule
 
 from ..errors import UninstrumentedExecutionError
-from ..sites import find_sites
+from ..graph.sites import find_sites
 from .context import current
 
 _SUBMODULE = re.compile(r"\._(?:modules|parameters|buffers)\['([^']*)'\]")

@@ -5,9 +5,9 @@ from dataclasses import dataclass, field
 
 from torch.fx import GraphModule, Node
 
-from .. import lrp_plan
-from ..blocks import find_blocks
-from ..sites import AttentionSite
+from ..graph import lrp_plan
+from ..graph.blocks import find_blocks
+from ..graph.sites import AttentionSite
 from ..state.spec import Spec
 from . import lower as lowering, lrp, probe, record, steer
 

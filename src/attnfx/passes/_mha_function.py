@@ -12,7 +12,7 @@ from torch.fx import Node
 from torch.fx.proxy import Proxy
 
 from ..errors import UnsupportedModelError
-from ..sites import example_value
+from ..graph.sites import example_value
 
 _SIGNATURE = inspect.signature(F.multi_head_attention_forward)
 

@@ -32,7 +32,7 @@ from torch.fx import GraphModule, Node
 from torch.fx.proxy import GraphAppendingTracer, Proxy
 
 from ..errors import UnsupportedModelError
-from ..sites import example_value
+from ..graph.sites import example_value
 from ._build import fill_example_values
 from ._mha_function import dim, mha_forward
 from .flex import split_flex

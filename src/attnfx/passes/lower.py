@@ -25,7 +25,7 @@ from torch.fx import GraphModule
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..ops import attention as _registers_the_op  # noqa: F401  (defines torch.ops.attnfx.attention)
-from ..sites import AttentionSite, _arg, example_value
+from ..graph.sites import AttentionSite, _arg, example_value
 from ._build import call
 from .mask_terms import MaskTerms, recognise
 

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
-from ..lrp_plan import Plan
+from ..graph.lrp_plan import Plan
 from ..ops import lrp_rules
-from ..sites import _is_call, example_value
+from ..graph.sites import _is_call, example_value
 from ._build import call
 
 LRP_EPS = 1e-10          # sign-aware stabiliser of f(x)/x: relevance error ≈ ε·|grad|, negligible in fp32

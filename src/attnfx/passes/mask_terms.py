@@ -24,7 +24,7 @@ import torch
 from torch.fx import Graph, Node
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from ..sites import example_value
+from ..graph.sites import example_value
 from ._build import call
 
 _AND_FN = (operator.and_, torch.logical_and, torch.bitwise_and)

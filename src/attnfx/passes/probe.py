@@ -23,9 +23,9 @@ import operator
 import torch
 from torch.fx import GraphModule, Node
 
-from ..blocks import Blocks, is_flat_stream
+from ..graph.blocks import Blocks, is_flat_stream
 from ..errors import UnsupportedModelError
-from ..sites import AttentionSite, _arg, example_value, value_operand
+from ..graph.sites import AttentionSite, _arg, example_value, value_operand
 from ..state.spec import Spec, gate_name
 from . import stats
 from ._build import call

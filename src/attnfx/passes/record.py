@@ -17,7 +17,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from ..errors import UnsupportedModelError
-from ..sites import AttentionSite, _gate_operand, _is_call, _walk_back, example_value
+from ..graph.sites import AttentionSite, _gate_operand, _is_call, _walk_back, example_value
 from ..state.spec import Spec
 from ._build import call
 

@@ -14,7 +14,7 @@ from torch.fx import Graph, Node
 
 from ..errors import UnsupportedModelError
 from ..ops import attention_stats as _registers_the_op  # noqa: F401  (defines torch.ops.attnfx.attention_stats)
-from ..sites import AttentionSite, _arg, example_value
+from ..graph.sites import AttentionSite, _arg, example_value
 from ._build import call
 from .lower import _mask_terms, _why_not
 from .record import RecordKey

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
-from ..norms import norm_feeding
-from ..sites import AttentionSite, example_value, value_operand
+from ..graph.norms import norm_feeding
+from ..graph.sites import AttentionSite, example_value, value_operand
 from ._build import call, replace_operand
 from .positions import at_positions, head_mask
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..calls import as_call
+from ..graph.calls import as_call
 from ..errors import InvalidArgumentError, SteeringValueError
 
 

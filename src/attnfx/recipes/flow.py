@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ..calls import as_call
+from ..graph.calls import as_call
 from ..errors import InvalidArgumentError, UnsupportedModelError
 
 

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..analysis.patching import _tile
-from ..calls import as_call, batch_and_length, last_positions, logits_of
+from ..graph.calls import as_call, batch_and_length, last_positions, logits_of
 from ..errors import InvalidArgumentError, SteeringValueError
 
 __all__ = ["ShipsResult", "head_importance", "kl_last", "DEFAULT_EPS"]

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..calls import find_main_output, output_length
+from ..graph.calls import find_main_output, output_length
 from ..errors import InvalidArgumentError
 from ..passes.probe import HEAD_KINDS
 from .spec import STEERING_STATE, Spec

@@ -11,7 +11,7 @@ import torch
 
 from ..errors import (DeviceMismatchError, DTypeMismatchError, InvalidArgumentError,
                      ShapeMismatchError, SiteIndexError, SteeringValueError)
-from ..calls import as_call
+from ..graph.calls import as_call
 from .indices import as_indices, padded_stack
 from .positions import VECTOR_GROUPS, Positions
 from .spec import STEERING_STATE

@@ -30,7 +30,7 @@ from torch.fx import Graph, Node
 
 from .blocks import ACTIVATION_FNS, ACTIVATION_METHODS, ELEMENTWISE_FNS, ELEMENTWISE_METHODS
 from .norms import Norm, find_norms
-from .ops import attention as _registers_the_op  # noqa: F401  (torch.ops.attnfx.attention)
+from ..ops import attention as _registers_the_op  # noqa: F401  (torch.ops.attnfx.attention)
 from .sites import AttentionSite, _is_call, _is_view_like, example_value, score_operands
 
 _SDPA = (F.scaled_dot_product_attention,)

@@ -34,7 +34,7 @@ class SiteInfo:
 
 @dataclass(frozen=True)
 class FinalNormInfo:
-    """The path from the residual stream to the logits (attnfx.unembed), parameters by name:
+    """The path from the residual stream to the logits (attnfx.graph.unembed), parameters by name:
     logits = post(((offset + γ) ⊙ norm(x) + β) W_Uᵀ + b_U), then cap·tanh(·/cap) when softcap."""
     kind: str                     # "layer_norm" | "rms_norm" | "identity" (no final norm)
     eps: float

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from .errors import InvalidArgumentError, ShapeMismatchError
+from ..errors import InvalidArgumentError, ShapeMismatchError
 
 
 def as_call(inputs) -> tuple[tuple, dict]:
