@@ -1,6 +1,12 @@
 """Typed errors. Each says what was expected and what was received; every one derives from
 AttnfxError so callers can catch the family, and from the builtin that fits the mistake."""
 
+__all__ = ["AttnfxError", "UnsupportedModelError", "NoAttentionFoundError", "AlreadyInstrumentedError",
+           "DetachedError", "NotDiscoveredError", "UninstrumentedExecutionError", "SiteIndexError",
+           "SteeringValueError", "ShapeMismatchError", "DeviceMismatchError", "DTypeMismatchError",
+           "InvalidArgumentError", "RelevanceLeakError", "RelevanceLeakWarning", "BackendUnavailableError",
+           "LoweringWarning"]
+
 
 class AttnfxError(Exception):
     """Base class of every error attnfx raises on purpose."""

@@ -29,6 +29,8 @@ from ..state.probing import Probing
 from ..state.spec import Spec
 from ..tensor_parallel import refuse_sharded
 
+__all__ = ["LogitAttribution", "head_attribution", "logit_attribution"]
+
 _WIDE = torch.float64             # the frozen-linear algebra in fp64: the sum is exact to fp32 round-off
 
 

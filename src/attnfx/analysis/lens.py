@@ -16,6 +16,8 @@ import torch
 from ..graph.calls import as_call
 from ..errors import InvalidArgumentError, UnsupportedModelError
 
+__all__ = ["logit_lens"]
+
 
 def lens_layers(im) -> list[int]:
     """The sites whose entering stream the lens reads: the decoder's self-attention layers (an

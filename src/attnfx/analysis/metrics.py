@@ -26,6 +26,9 @@ import torch.nn.functional as F
 from ..graph.calls import check_vocab, per_example, positions
 from ..errors import InvalidArgumentError, ShapeMismatchError
 
+__all__ = ["OutputsMetric", "of_outputs", "logit", "logit_diff", "normalized_logit_diff", "kl_to_clean",
+           "target_prob", "projection"]
+
 Metric = Callable[[torch.Tensor], torch.Tensor]
 
 

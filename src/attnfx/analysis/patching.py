@@ -40,6 +40,9 @@ from ..tensor_parallel import refuse_sharded
 from . import qk_fix
 from .metrics import OutputsMetric, wide
 
+__all__ = ["PatchingResult", "capture", "activation_patching", "attribution_patching", "relp", "atp_star",
+           "COMPONENTS"]
+
 COMPONENTS = ("heads", "attn", "mlp", "resid", "queries", "keys", "values")
 
 

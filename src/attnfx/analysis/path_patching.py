@@ -29,6 +29,8 @@ from ..state.probing import Probing, state_shape
 from ..state.spec import Spec
 from .patching import PatchingResult, _check, _metric, _tile
 
+__all__ = ["path_patching", "INPUTS"]
+
 INPUTS = {"q": "queries", "k": "keys", "v": "values"}
 
 

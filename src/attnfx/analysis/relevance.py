@@ -37,9 +37,14 @@ from ..state.spec import RULES, Spec, gate_name
 from ..tensor_parallel import refuse_sharded
 from . import metrics
 
+__all__ = ["Relevance", "relevance", "RULES", "COMPONENTS"]
+
 
 @dataclass
 class Relevance:
+    """What attnfx.relevance returns, per example: each asked component's relevance for the target
+    (None where not asked): tokens [b, t], heads_per_position [b, t, L, H] (`.heads`: [b, L, H]),
+    attn / mlp / residual [b, t, L]; target [b] (the value the relevance distributes)."""
     tokens: torch.Tensor | None
     heads_per_position: torch.Tensor | None
     attn: torch.Tensor | None

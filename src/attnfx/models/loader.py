@@ -7,6 +7,8 @@ from pathlib import Path
 
 from ..errors import InvalidArgumentError
 
+__all__ = ["load_default", "load_tokenizer", "load_prompts", "default_dir"]
+
 ARTIFACTS = ("config.json", "model.safetensors", "tokenizer.json")
 
 

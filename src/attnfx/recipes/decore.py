@@ -22,9 +22,12 @@ import torch
 from ..graph.calls import as_call
 from ..errors import InvalidArgumentError, SteeringValueError
 
+__all__ = ["DecoreResult", "entropy", "generate"]
+
 
 @dataclass
 class DecoreResult:
+    """DeCoRe decoding: the contrastive tokens, each step's α, and what the base stream alone would pick."""
     tokens: torch.Tensor        # [n, steps] the generated tokens
     alphas: torch.Tensor        # [n, steps] α of each step
     base_tokens: torch.Tensor   # [n, steps] what the base stream alone would pick at each step (argmax z)

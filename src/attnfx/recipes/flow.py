@@ -26,6 +26,8 @@ import torch
 from ..graph.calls import as_call
 from ..errors import InvalidArgumentError, UnsupportedModelError
 
+__all__ = ["FlowGraph", "information_flow", "proximity_importance"]
+
 
 def proximity_importance(components: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
     """components [n, ..., d] of total [..., d] → importance [n, ...] (each column sums to 1, or

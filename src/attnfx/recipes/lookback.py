@@ -33,6 +33,8 @@ LBFGS_STEPS = 100          # full-batch LBFGS in fp64 converges in < 50 on these
 
 @dataclass(frozen=True)
 class Lookback:
+    """Lookback ratios of a generate call: per row and head the attention on the prompt over that
+    plus the attention on the tokens generated so far, averaged over the decode steps."""
     ratios: torch.Tensor        # [b, L, H] fp32: mean over a row's valid steps (NaN: none)
     steps: torch.Tensor         # [b, n − 1, L, H]: LR_j of decode step j = 1 … n − 1 (NaN: not valid)
     tokens: torch.Tensor        # [b, n] the generated tokens

@@ -30,6 +30,7 @@ SEPARATOR = "|"              # the default model's copy documents: "w1 … wk | 
 
 
 class CopyPrompt(NamedTuple):
+    """A copy-paste prompt: token ids with the source span the model should copy."""
     ids: torch.Tensor        # [P] int64: the prompt
     start: int               # the source to copy is ids[start:end]
     end: int
@@ -37,6 +38,8 @@ class CopyPrompt(NamedTuple):
 
 @dataclass(frozen=True)
 class Retrieval:
+    """Retrieval scores of copy-paste decoding: per head, how often its most attended key was the
+    source token being copied; per prompt, and whether the copy was exact."""
     scores: torch.Tensor       # [L, H] fp32: mean over prompts of hits / k
     per_prompt: torch.Tensor   # [N, L, H] fp32: hits / k, in the prompts' order
     copied: torch.Tensor       # [N] bool: the k greedy tokens equal the source (exact match)

@@ -30,6 +30,7 @@ DEFAULT_EPS = 1e-4      # the authors' code (lib/SHIPS/get_ships.py): mask_type 
 
 @dataclass
 class ShipsResult:
+    """SHIPS head importance: KL of the last token's distribution under query scaling by ε, per head."""
     scores: torch.Tensor        # [L, H] fp32 on the CPU: mean over examples of KL(p ‖ p̃); NaN where a layer lacks the head
     per_example: torch.Tensor   # [n, L, H]
     forwards: int               # instrumented forwards run: 1 base + the tiled chunks

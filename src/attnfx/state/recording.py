@@ -45,6 +45,8 @@ from .indices import as_index, padded_stack
 from .spec import RECORD_KINDS, Spec
 from ..tensor_parallel import gather_heads
 
+__all__ = ["Recording", "KINDS"]
+
 
 def _next_stream(im, layer: int):
     """Where the stream leaving a self-attention layer's block is read: the next self-attention
@@ -69,6 +71,9 @@ _IGNORED = -100                     # HF's ignore_index
 
 
 class Recording:
+    """`with im.record(*kinds) as rec:` — the records of every call made inside, from the graph's
+    extra outputs: `rec[kind]` the last call's (a list over layers for per-layer kinds, `rec[kind, l]`
+    one layer), `rec.calls` every call's; shapes per kind in the module docstring."""
     def __init__(self, im, kinds, *, directions=None, heads=None, positions=None, layers=None, spans=None):
         kinds = tuple(dict.fromkeys(kinds))
         bad = [k for k in kinds if k not in KINDS]

@@ -16,6 +16,8 @@ from .indices import as_indices, padded_stack
 from .positions import VECTOR_GROUPS, Positions
 from .spec import STEERING_STATE
 
+__all__ = ["Steering", "ABLATIONS", "SCALE_TARGETS", "VECTOR_SITES"]
+
 SCALE_TARGETS = {"z": "z_scale", "value": "v_scale", "value_unbiased": "v_scale_unbiased",
                  "query": "q_scale"}
 ABLATIONS = ("zero", "mean", "resample")
@@ -24,6 +26,9 @@ PROBE_KIND = {"resid_pre": "resid", "attn_out": "attn", "mlp_out": "mlp"}   # at
 
 
 class Steering:
+    """`im.steering`: the per-head knobs (scale, ablate, patch, steering vectors) written into the
+    state tensors the compiled graph reads, so setting one never recompiles; `positions=` / `rows=`
+    narrow any knob to query (or key) positions and batch rows; `reset()` and the scoped forms undo."""
     def __init__(self, im):
         self._im = im
         self._means: torch.Tensor | None = None     # [L, H, d] mean head output of a reference batch
