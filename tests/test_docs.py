@@ -1,7 +1,8 @@
 """The documentation runs (issue 18): every ```python block of README.md and docs/ executes, a
 page's blocks in order in one fresh interpreter (a page's examples continue from its first
 block), in a scratch directory; a quick start that stops working fails here. README's headline
-table is the committed benchmark JSON's (tools/headline_table.py)."""
+table and every figure marked in the docs are the committed benchmark JSON's (tools/headline_table.py,
+tools/doc_figures.py)."""
 from __future__ import annotations
 
 import os
@@ -46,3 +47,23 @@ def test_readme_headline_table_is_the_benchmark_json():
         sys.path.remove(str(ROOT / "tools"))
     assert headline_table.in_readme(headline_table.README.read_text()) == headline_table.render(), (
         f"README.md's headline table is stale: run `{headline_table.WRITE}`")
+
+
+def _tool(name: str):
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+
+
+def test_figures_marked_in_the_docs_are_the_benchmark_json():
+    doc_figures = _tool("doc_figures")
+    assert sum(len(doc_figures.figures(p.read_text(encoding="utf-8"))) for p in doc_figures.PAGES) > 30
+    assert doc_figures.stale() == [], f"stale figures: run `{doc_figures.WRITE}`"
+
+
+def test_a_figure_that_disagrees_with_its_json_is_stale():
+    doc_figures = _tool("doc_figures")
+    page = doc_figures.FIGURE.search("<!--fig:cpu-amd-epyc-2cores/ships:speedup:.1f-->9.9<!--/fig-->")
+    assert doc_figures.rendered(page) != "9.9"
