@@ -3,7 +3,7 @@
     <!--fig:cpu-amd-epyc-2cores/ships:spearman/ablation_kl:.2f-->0.83<!--/fig-->
 
 (the JSON file under bench/results/ without .json, the path of keys in it separated by "/" —
-list indices as numbers —, and a format spec), so the page reads as text on GitHub and in the
+list indices as numbers; a key holding "/" itself is matched whole —, and a format spec), so the page reads as text on GitHub and in the
 built site, and this tool rewrites the value between the comments from the JSON. A path
 "a/b÷c/d" is the ratio of two values. tests/test_docs.py checks every figure is current.
 
@@ -35,9 +35,16 @@ def _value(source: str, path: str):
     if "÷" in path:
         top, bottom = path.split("÷")
         return _value(source, top) / _value(source, bottom)
-    value = _results(source)
-    for key in path.split("/"):
-        value = value[int(key)] if isinstance(value, list) else value[key]
+    value, keys = _results(source), path.split("/")
+    while keys:
+        if isinstance(value, list):
+            value, keys = value[int(keys[0])], keys[1:]
+            continue
+        # a key may hold "/" itself ("attnfx/plain"): the longest run of segments that is a key
+        n = next((n for n in range(len(keys), 0, -1) if "/".join(keys[:n]) in value), None)
+        if n is None:
+            raise KeyError(f"{source}.json has no {'/'.join(keys)!r} (path {path!r})")
+        value, keys = value["/".join(keys[:n])], keys[n:]
     return value
 
 
