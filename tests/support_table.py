@@ -11,6 +11,9 @@ from pathlib import Path
 
 import zoo
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+from marked_blocks import between, replace_between  # noqa: E402  (tools/ holds the README generators' helper)
+
 README = Path(__file__).resolve().parent.parent / "README.md"
 START, END = "<!-- support-table:start -->", "<!-- support-table:end -->"
 WRITE = ".venv/bin/python tests/support_table.py --write"
@@ -84,14 +87,11 @@ def render() -> str:
 
 def in_readme(text: str) -> str:
     """The block between the markers of README's text."""
-    start, end = text.index(START) + len(START), text.index(END)
-    return text[start:end].strip("\n")
+    return between(text, START, END)
 
 
 def write() -> None:
-    text = README.read_text()
-    start, end = text.index(START) + len(START), text.index(END)
-    README.write_text(text[:start] + "\n" + render() + "\n" + text[end:])
+    replace_between(README, START, END, render())
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ import argparse
 import json
 from pathlib import Path
 
+from marked_blocks import between, replace_between
+
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 RESULTS = ROOT / "bench" / "results" / "cpu-amd-epyc-2cores"
@@ -57,14 +59,11 @@ def render() -> str:
 
 
 def in_readme(text: str) -> str:
-    start, end = text.index(START) + len(START), text.index(END)
-    return text[start:end].strip("\n")
+    return between(text, START, END)
 
 
 def write() -> None:
-    text = README.read_text()
-    start, end = text.index(START) + len(START), text.index(END)
-    README.write_text(text[:start] + "\n" + render() + "\n" + text[end:])
+    replace_between(README, START, END, render())
 
 
 if __name__ == "__main__":

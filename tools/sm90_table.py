@@ -31,6 +31,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
+from marked_blocks import between, replace_between
+
 SM90 = ("cuda", 90, 32)
 SEQ = 512                   # a multiple of 16, as long sequences usually are (it sets Triton's divisibility hints)
 HEADS, KV_HEADS = 4, 1      # GQA 4:1 (a group of 1 would be specialised away)
@@ -205,15 +207,11 @@ START, END = "<!-- sm90-table:start -->", "<!-- sm90-table:end -->"
 
 def in_readme(text: str) -> str:
     """The table between the markers of the ops guide's text."""
-    return text.split(START, 1)[1].split(END, 1)[0].strip("\n")
+    return between(text, START, END)
 
 
 def write_readme(table) -> None:
-    with open(GUIDE, encoding="utf-8") as f:
-        text = f.read()
-    head, rest = text.split(START, 1)
-    with open(GUIDE, "w", encoding="utf-8") as f:
-        f.write(head + START + "\n" + markdown(table) + "\n" + END + rest.split(END, 1)[1])
+    replace_between(GUIDE, START, END, markdown(table))
 
 
 def main() -> int:
