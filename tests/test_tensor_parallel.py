@@ -116,6 +116,9 @@ def _check_against(ref, im, ids, rank: int, full: bool = True) -> None:
     with pytest.raises(UnsupportedModelError, match="tensor parallelism"):
         with im.record("readout", directions=torch.randn(1, 64)):
             pass
+    with pytest.raises(UnsupportedModelError, match="tensor parallelism"):
+        with im.record("mlp_hidden"):
+            pass
     # analyses that differentiate through the heads or project them through W_O refuse rather than
     # answer from one process's heads (relevance did, silently, before: off by 0.06–0.14)
     target = torch.tensor([1, 2])

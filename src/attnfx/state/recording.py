@@ -96,6 +96,9 @@ class Recording:
         if ("readout" in kinds or "contrib" in kinds) and any(s.shard is not None for s in sites):
             raise UnsupportedModelError("'readout' and 'contrib' project heads through W_O, which tensor parallelism "
                                         "splits across processes; record 'z' (gathered to every head) instead")
+        if "mlp_hidden" in kinds and any(s.shard is not None for s in sites):
+            raise UnsupportedModelError("'mlp_hidden' is split across processes with the MLP under tensor parallelism, "
+                                        "and attnfx gathers heads only; record 'mlp_out' (the MLP's whole output)")
         self._directions = self._check_directions(directions, sites) if "readout" in kinds else None
         contrib = self._check_heads(heads, sites) if "contrib" in kinds else ()
         if "contrib" in kinds and positions is not None:
