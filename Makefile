@@ -26,7 +26,8 @@ CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda))
 MIN_PINS := torch==2.11.0 triton==3.6.0 transformers==5.17.0 "numpy<2.4"
 MIN_TESTS := tests/test_lower.py tests/test_compile.py tests/test_passes.py tests/test_ops.py tests/test_kernels.py \
 	tests/test_lrp_rules.py tests/test_attention_stats.py tests/test_attention_argmax.py tests/test_readout.py tests/test_backends.py \
-	tests/test_errors.py tests/test_generation.py tests/test_hf_parity.py tests/test_graph_breaks.py tests/test_cuda_build.py
+	tests/test_errors.py tests/test_generation.py tests/test_hf_parity.py tests/test_graph_breaks.py tests/test_cuda_build.py \
+	tests/test_device_map.py
 
 .PHONY: demo test test-min test-gpu gpu-check bench install clean check-cuda support-table browser docs
 

@@ -14,10 +14,13 @@ from torch._dynamo.utils import counters
 
 import attnfx
 from _tol import assert_close
+from attnfx.api import _ISOLATES_RECOMPILES
 from attnfx.errors import UnsupportedModelError
 from models import FAMILIES, VOCAB, build
 
 accelerate = pytest.importorskip("accelerate")
+offload_compiles = pytest.mark.skipif(not _ISOLATES_RECOMPILES, reason="offloaded blocks need torch >= 2.13 "
+                                      "(a recompile budget per region); older torch is refused, as tested below")
 
 # Offloaded layers: "disk" (a CPU main device keeps "cpu" blocks in place). Llama's two layers
 # (and its first parameter) are offloaded: they share one compiled block frame and must be told
@@ -43,6 +46,8 @@ def _load(path, device_map=None):
 
 @pytest.fixture(scope="module", params=sorted(DEVICE_MAPS))
 def case(request, tmp_path_factory):
+    if not _ISOLATES_RECOMPILES:
+        pytest.skip("offloaded blocks need torch >= 2.13 (a recompile budget per region)")
     layers, device_map = DEVICE_MAPS[request.param]
     path = tmp_path_factory.mktemp(request.param)
     build(FAMILIES[request.param], layers=layers, heads=4, kv_heads=2).save_pretrained(path)
@@ -95,6 +100,7 @@ def test_steering_changes_do_not_recompile(case):
     assert (counters["attnfx"]["graphs_compiled"], counters["stats"]["unique_graphs"]) == before
 
 
+@offload_compiles
 def test_blocks_specialised_by_the_kv_cache_each_have_a_compile_budget(tmp_path):
     """With a KV cache dynamo specialises the frame after each block's hook on the block's layer
     index: one compile per block. The instrumented region's limit is dynamo's per block (here 1)."""
@@ -170,3 +176,13 @@ def test_gpu_execution_with_cpu_and_disk_offload_equals_the_model_on_the_gpu(tmp
     for layer in range(layers):
         assert z[layer].device == torch.device("cuda", 0)
         assert_close(z[layer], expected_z[layer])
+
+
+@pytest.mark.skipif(_ISOLATES_RECOMPILES, reason="torch >= 2.13 instruments offloaded models (tested above)")
+def test_offloaded_blocks_are_refused_before_torch_2_13_and_the_hooks_kept(tmp_path):
+    build(FAMILIES["llama"], layers=2, heads=4, kv_heads=2).save_pretrained(tmp_path)
+    offloaded = _load(tmp_path, DEVICE_MAPS["llama"][1])
+    hooks = {name: module.__dict__.get("_hf_hook") for name, module in offloaded.named_modules()}
+    with pytest.raises(UnsupportedModelError, match="torch 2.13"):
+        attnfx.instrument(offloaded)
+    assert {name: module.__dict__.get("_hf_hook") for name, module in offloaded.named_modules()} == hooks

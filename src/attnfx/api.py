@@ -77,6 +77,13 @@ def instrument(model: nn.Module, *, backend: str | None = None, example_inputs=N
     if call is not None:
         _check_token_ids(model, *call)
     merged = dispatch.merge(model)               # accelerate's offloaded blocks load once each (capture/dispatch.py)
+    if not _ISOLATES_RECOMPILES and dispatch.breaking_blocks(model):
+        merged.restore()
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has blocks accelerate offloads: each block's hook is a graph break, and the "
+            "frame after it (accelerate's new_forward, one code object for every hooked module) is recompiled per "
+            f"module; attnfx gives it a recompile budget of its own from torch 2.13 (this is {torch.__version__}): "
+            "upgrade torch, or load the model without offload")
     try:
         im = InstrumentedModel(model, mode, fullgraph, bool(lower), merged)
         if call is not None:
