@@ -14,6 +14,7 @@ from hypothesis import given, strategies as st
 import attnfx
 from _tol import assert_close
 from attnfx import data
+from attnfx.batching import SIDES
 from attnfx.errors import InvalidArgumentError, ShapeMismatchError
 from attnfx.models.loader import load_default, load_prompts, load_tokenizer
 
@@ -74,7 +75,7 @@ def _check_batches(found, texts, tok, side):
 
 
 @given(texts=st.lists(st.sampled_from(POOL), min_size=1, max_size=11), batch_size=st.integers(1, 5),
-       side=st.sampled_from(data.SIDES))
+       side=st.sampled_from(SIDES))
 def test_batches_equal_each_prompt_tokenized_alone(tok, texts, batch_size, side):
     found = list(data.batches(texts, tok, batch_size=batch_size, padding_side=side, progress=False))
     assert [len(b) for b in found] == [min(batch_size, len(texts) - s) for s in range(0, len(texts), batch_size)]
@@ -94,7 +95,7 @@ def test_dataset_and_list_of_dicts_batch_like_the_list(tok):
             assert all(torch.equal(got.encoding[k], expected.encoding[k]) for k in expected.encoding)
 
 
-@pytest.mark.parametrize("side", data.SIDES)
+@pytest.mark.parametrize("side", SIDES)
 @given(n=st.integers(2, len(PROMPTS)), batch_size=st.integers(2, 4))
 def test_reduce_equals_the_examples_run_one_at_a_time(default, alone, side, n, batch_size):
     im, tokenizer = default

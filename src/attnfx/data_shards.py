@@ -121,7 +121,7 @@ class _Checkpoint:
     whole (to a temporary name, then os.replace), each stamped with the run's arguments and its
     batch's texts so that a rerun of another sweep is refused instead of mixed in."""
 
-    def __init__(self, folder, plan, reduce: str):       # plan: data._Plan (data.py imports this module)
+    def __init__(self, folder, plan, reduce: str):       # plan: batching._Plan
         self.folder, self.plan, self.names = Path(folder), plan, None
         self.run = json.dumps({"examples": plan.count, "batch_size": plan.size, "reduce": reduce,
                                "padding_side": plan.side, "position_ids": plan.positions,
