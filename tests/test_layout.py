@@ -1,5 +1,5 @@
 """The package's shape (issue 18): no two attnfx modules import each other, directly or round a
-circle, at module level or inside a function (tools/import_graph.py reads the sources); and every
+circle, at module level or inside a function, nor two folders (tools/import_graph.py reads the sources); and every
 public name of `attnfx` resolves and has a docstring."""
 from __future__ import annotations
 
@@ -28,6 +28,17 @@ def test_no_import_cycles():
     edges = import_graph.graph()
     assert "attnfx.api" in edges and edges["attnfx.api"], "the graph was read"
     assert import_graph.cycles(edges) == []
+
+
+def test_folders_import_one_way():
+    """Folded onto folders (graph, passes, state, ...) the graph has no cycle either: reading a
+    graph never imports a pass, runtime state never imports a pass."""
+    folded = import_graph.packages(import_graph.graph())
+    assert {"graph", "passes", "state", "ops", "capture"} <= set(folded) and folded["passes"] >= {"graph", "state"}
+    assert import_graph.cycles(folded) == []
+    assert import_graph.cycles(import_graph.packages({"attnfx.graph.sites": {"attnfx.passes.flex"},
+                                                      "attnfx.passes.flex": {"attnfx.graph.flex"},
+                                                      "attnfx.graph.flex": set()})) == [["graph", "passes"]]
 
 
 # the modules a user imports names from (docs/api.md documents the same)

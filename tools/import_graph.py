@@ -3,6 +3,11 @@ other attnfx modules, at module level and inside functions (deferred), and the c
 
     .venv/bin/python tools/import_graph.py            the graph, one module per line, and its cycles
     .venv/bin/python tools/import_graph.py --cycles   only the cycles (exit 1 if any)
+    .venv/bin/python tools/import_graph.py --packages the graph between attnfx's folders and top-level modules
+
+Between folders the graph must be acyclic too: the folder names read as the data flow
+(capture → graph → passes → state → ops; analysis and recipes on top), so a folder importing one
+that imports it back is an arrow pointing the wrong way, even where no two modules form a circle.
 """
 from __future__ import annotations
 
@@ -61,6 +66,17 @@ def graph() -> dict[str, set[str]]:
     return edges
 
 
+def packages(edges: dict[str, set[str]]) -> dict[str, set[str]]:
+    """The module graph folded onto attnfx's first-level names (a folder, or a top-level module)."""
+    def top(name: str) -> str:
+        parts = name.split(".")
+        return parts[1] if len(parts) > 1 else parts[0]
+    folded = {top(name): set() for name in edges}
+    for name, targets in edges.items():
+        folded[top(name)] |= {top(t) for t in targets if top(t) not in (top(name), PACKAGE)}
+    return folded
+
+
 def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
     """Strongly connected components of more than one module (Tarjan), package __init__s excluded."""
     index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
@@ -97,8 +113,9 @@ def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cycles", action="store_true")
+    parser.add_argument("--packages", action="store_true")
     args = parser.parse_args()
-    edges = graph()
+    edges = packages(graph()) if args.packages else graph()
     if not args.cycles:
         for name in sorted(edges):
             print(f"{name}: {', '.join(sorted(edges[name])) or '-'}")

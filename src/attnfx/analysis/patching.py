@@ -33,9 +33,8 @@ from tqdm.auto import tqdm
 from ..graph.calls import as_call as _call, batch_and_length, main_output
 from ..errors import InvalidArgumentError, ShapeMismatchError, UnsupportedModelError
 from ..state.indices import padded_stack
-from ..passes.probe import HEAD_KINDS
 from ..state.probing import Probing, relevance_dtype, state_shape
-from ..state.spec import Spec
+from ..state.spec import HEAD_KINDS, Spec
 from ..tensor_parallel import refuse_sharded
 from . import qk_fix
 from .metrics import OutputsMetric, wide

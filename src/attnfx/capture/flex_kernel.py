@@ -20,7 +20,7 @@ from collections import OrderedDict
 import torch
 from torch.fx import Graph, GraphModule
 
-from ..passes.flex import flex_output
+from ..graph.flex import flex_output
 
 _FLEX = torch.ops.higher_order.flex_attention
 _MAX_KERNELS = 64          # compiled (layout → kernel) entries kept; one Inductor graph each
@@ -59,7 +59,7 @@ def replay_compiled_flex(gm: GraphModule) -> int:
 
 def inductor_flex_output(query, *, key, value, score_mod, block_mask, scale, kernel_options,
                          score_mod_other_buffers=(), mask_mod_other_buffers=()):
-    """passes/flex.flex_output, computed by Inductor's flex kernel: out [b, H, t, d]."""
+    """graph/flex.flex_output, computed by Inductor's flex kernel: out [b, H, t, d]."""
     operands = (query, key, value, *block_mask[:-1], *score_mod_other_buffers, *mask_mod_other_buffers)
     tensors = [x for x in operands if isinstance(x, torch.Tensor)]
     layout = (id(score_mod), id(block_mask[-1]), scale, repr(kernel_options), torch.is_grad_enabled(),

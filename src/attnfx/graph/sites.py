@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch.fx import Graph, Node
 
+from .flex import flex_output
+
 PATTERNS = ("sdpa_call", "matmul_softmax_matmul", "flex_attention")
 
 # Ops that only re-lay out one tensor: walking through them keeps the values of a head.
@@ -432,9 +434,8 @@ def _match_sdpa(node: Node):
 
 
 def _match_flex(node: Node):
-    """flex attention's output (passes/flex.py: flex_output(q, key=k, value=v, score_mod=...,
+    """flex attention's output (graph/flex.py: flex_output(q, key=k, value=v, score_mod=...,
     block_mask=...)): masking and score changes live in score_mod and block_mask, which stay."""
-    from ..passes.flex import flex_output          # passes import this module
     if not (node.op == "call_function" and node.target is flex_output):
         return None
     q, k, v = node.args[0], node.kwargs["key"], node.kwargs["value"]

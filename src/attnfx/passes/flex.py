@@ -1,7 +1,7 @@
 """FlexAttention's output as one node: dynamo records flex attention as the higher-order op
 ``torch.ops.higher_order.flex_attention(q, k, v, score_mod, block_mask, scale, kernel_options,
 ...)`` returning a tuple (out, logsumexp, ...). A site needs one node that reads q, k, v and
-produces z = out [b, H, t, d]; `flex_output` is that node, calling the same op with the same
+produces z = out [b, H, t, d]; `graph.flex.flex_output` is that node, calling the same op with the same
 score_mod and block_mask, so the steering and record passes treat it like an SDPA call. Where the
 model also reads the log-sum-exp, the original op stays for it (attention then runs twice, and
 the log-sum-exp does not see q steering)."""
@@ -9,20 +9,12 @@ from __future__ import annotations
 
 import operator
 
-import torch
 from torch.fx import GraphModule
 
-_FLEX = torch.ops.higher_order.flex_attention
+from ..graph.flex import FLEX, flex_output
+
 _OPERANDS = ("query", "key", "value", "score_mod", "block_mask", "scale", "kernel_options",
              "score_mod_other_buffers", "mask_mod_other_buffers")
-
-
-def flex_output(query, *, key, value, score_mod, block_mask, scale, kernel_options,
-                score_mod_other_buffers=(), mask_mod_other_buffers=()):
-    """out [b, H, t, d] of flex attention. key and value are keywords so that a steering pass
-    replacing `value` never touches key (they may be the same node)."""
-    return _FLEX(query, key, value, score_mod, block_mask, scale, kernel_options,
-                 score_mod_other_buffers, mask_mod_other_buffers)[0]
 
 
 def split_flex(gm: GraphModule) -> int:
@@ -30,7 +22,7 @@ def split_flex(gm: GraphModule) -> int:
     Other outputs (logsumexp) keep reading the original op."""
     done = 0
     for node in list(gm.graph.nodes):
-        if not (node.op == "call_function" and node.target is _FLEX):
+        if not (node.op == "call_function" and node.target is FLEX):
             continue
         operands = dict(zip(_OPERANDS, node.args), **node.kwargs)
         for user in list(node.users):

@@ -3,7 +3,7 @@
 State (Spec.positions; written by steering.Positions, never recompiling within its capacity):
 
     where_index  [G, B, K] int64   group g's positions, per row (B = 1: the same for every row),
-                                   padded with NONE; a negative index counts from the end of the
+                                   padded with spec.NONE; a negative index counts from the end of the
                                    sequence so far (−1: each call's newest token, also in generate)
     where_all    [G, B] fp32       1 where group g is every position of row b (group 0: every row)
     where_offset [1] int64         the call's first absolute position (the KV cache's length)
@@ -22,7 +22,6 @@ from torch.fx import Node
 
 from ._build import call
 
-NONE = -(2 ** 40)           # an index that matches no position, even after adding a length
 
 
 def _masks(g, index: Node, every: Node, end: Node, length: Node) -> Node:

@@ -26,13 +26,11 @@ from torch.fx import GraphModule, Node
 from ..graph.blocks import Blocks, is_flat_stream
 from ..errors import UnsupportedModelError
 from ..graph.sites import AttentionSite, _arg, example_value, value_operand
-from ..state.spec import Spec, gate_name
+from ..state.spec import HEAD_KINDS, Spec, gate_name
 from . import stats
 from ._build import call
 from .positions import stream_addition
 from .record import RecordKey, head_output
-
-HEAD_KINDS = ("heads", "queries", "keys", "values")
 
 
 def targets(sites, blocks: Blocks, steered: dict[int, Node]) -> dict[str, list[tuple[int, Node | None]]]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ShapeMismatchError, SteeringValueError
-from ..passes.positions import NONE
+from .spec import NONE
 
 MIN_GROUPS = 16             # the state's groups (group 0: everywhere); grows by doubling
 VECTOR_GROUPS = 16          # steering vectors use the first 16 groups (state vector_{kind} [L, 16, d])

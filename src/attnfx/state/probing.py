@@ -12,8 +12,7 @@ import torch
 
 from ..graph.calls import find_main_output, output_length
 from ..errors import InvalidArgumentError
-from ..passes.probe import HEAD_KINDS
-from .spec import STEERING_STATE, Spec
+from .spec import HEAD_KINDS, STEERING_STATE, Spec
 
 
 def state_shape(im, kind: str, batch: int, seq: int, *, per_dim: bool) -> tuple[int, ...]:

@@ -16,6 +16,8 @@ PROBE_KINDS = ("tokens", "heads", "attn", "mlp", "resid")
 # δ = 0 requiring grad: ∂f/∂δ = ∂f/∂x) or captured (returned as a record): also the attention
 # queries and keys, as the attention reads them.
 COMPONENT_KINDS = PROBE_KINDS + ("queries", "keys", "values")
+# The component kinds with a head axis ([b, t, H, d] per layer); the others are [b, t, d_model].
+HEAD_KINDS = ("heads", "queries", "keys", "values")
 # Captured only: each layer's masked attention logits [b, H, T, S] (fp32), and its attention
 # statistics (log-sum-exp, mass on the key spans of state "stats_spans": passes/stats.py); the
 # MLP's hidden activation and the stream it reads (blocks.py).
@@ -27,6 +29,7 @@ VECTOR_KINDS = ("resid", "attn", "mlp", "final")
 # every position, the call's first absolute position, and each head knob's group per (layer, head).
 POSITION_STATE = ("where_index", "where_all", "where_offset", "at_q_scale", "at_v_scale",
                   "at_v_scale_unbiased", "at_z_scale", "at_z_replace")
+NONE = -(2 ** 40)           # a where_index entry that matches no position, even after adding a length
 # Backward rules of the lrp pass: AttnLRP, CP-LRP (q, k detached), or the plain gradient.
 RULES = ("attnlrp", "cp-lrp", "gradient")
 
