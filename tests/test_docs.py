@@ -67,3 +67,44 @@ def test_a_figure_that_disagrees_with_its_json_is_stale():
     doc_figures = _tool("doc_figures")
     page = doc_figures.FIGURE.search("<!--fig:cpu-amd-epyc-2cores/ships:speedup:.1f-->9.9<!--/fig-->")
     assert doc_figures.rendered(page) != "9.9"
+
+
+def test_no_measurement_is_typed_by_hand():
+    # a measurement quoted in prose is a figure of the benchmark JSON, or it goes stale unseen
+    doc_figures = _tool("doc_figures")
+    assert doc_figures.unmarked_pages() == [], (
+        "measurements typed by hand: mark each as <!--fig:SOURCE:PATH:FORMAT-->value<!--/fig--> "
+        "(tools/doc_figures.py), or reword; `.venv/bin/python tools/doc_figures.py --unmarked` lists them")
+
+
+def test_a_typed_measurement_is_found_and_a_marked_one_is_not():
+    doc_figures = _tool("doc_figures")
+    marked = "<!--fig:cpu-amd-epyc-2cores/ships:speedup:.1f-->4.5<!--/fig-->"
+    assert doc_figures.unmarked("intro\nit is 3.2× faster\n") == [(2, "3.2×")]
+    assert doc_figures.unmarked("87 ms, 1.5 MiB, 54.6% and 20 s") == [(1, "87 ms"), (1, "1.5 MiB"), (1, "54.6%"),
+                                                                      (1, "20 s")]
+    assert doc_figures.unmarked(f"it is {marked}× faster") == []
+    assert doc_figures.unmarked("```sh\nit is 3.2× faster\n```\nand `3.2×` inline\n") == []
+    assert doc_figures.unmarked("<!-- t:start -->\n| 3.2× |\n<!-- t:end -->\n") == []
+    # shapes and counts are not measurements
+    assert doc_figures.unmarked("batch 8 × 32, 4×8 heads, 4 spans, the paper: 88%") == []
+
+
+def test_a_figure_can_be_a_difference_or_a_value_in_other_units():
+    doc_figures = _tool("doc_figures")
+    rows = "lengths/rows/5/memory/{}/peak_mib"
+    stats, plain = (doc_figures._value("cpu-amd-epyc-2cores/records", rows.format(k)) for k in ("stats", "plain"))
+    figure = "<!--fig:cpu-amd-epyc-2cores/records:{}:.4f-->?<!--/fig-->"
+    assert doc_figures.rendered(doc_figures.FIGURE.search(
+        figure.format(f"{rows.format('stats')}−{rows.format('plain')}"))) == f"{stats - plain:.4f}"
+    assert doc_figures.rendered(doc_figures.FIGURE.search(figure.format(f"{rows.format('stats')}÷1000"))) == \
+        f"{stats / 1000:.4f}"
+
+
+def test_figures_in_table_rows_escape_their_pipes():
+    # an unescaped "|" in a figure's path splits the table cell there, in mkdocs and on GitHub
+    doc_figures = _tool("doc_figures")
+    bad = [f"{page.relative_to(ROOT)}: {m['path']}" for page in doc_figures.PAGES
+           for line in page.read_text(encoding="utf-8").splitlines() if line.startswith("|")
+           for m in doc_figures.figures(line) if re.search(r"(?<!\\)\|", m["path"])]
+    assert bad == [], "write a key's | as \\| in a table row"
