@@ -51,7 +51,9 @@ _ISOLATES_RECOMPILES = "isolate_recompiles" in inspect.signature(torch._dynamo.e
 
 def instrument(model: nn.Module, *, backend: str | None = None, example_inputs=None,
                fullgraph: bool = False, lower: bool = False) -> "InstrumentedModel":
-    """Wrap `model` so its attention heads can be steered and recorded under torch.compile.
+    """Wrap `model` so its attention heads can be steered and recorded under torch.compile: an
+    InstrumentedModel that takes and returns what `model` does (a causal LM: input_ids [b, t] →
+    logits [b, t, vocab]), with per-head state [L, H] read by the compiled graph.
 
     backend: "inductor" (default on CUDA), "eager" (default on CPU: runs the rewritten graph
     directly) or "aot_eager". example_inputs (a tensor, tuple of args or dict of kwargs) finds the
@@ -332,8 +334,10 @@ def _region(key: tuple, mode: str, fullgraph: bool, frames: int = 1):
 
 
 class InstrumentedModel(nn.Module):
-    """A model whose heads are explicit graph nodes. Call it like the model; steer it through
-    `.steering`, record with `.record(...)`, generate with `.generate(...)`."""
+    """A model whose heads are explicit graph nodes. Call it like the model (same arguments, same
+    outputs: input_ids [b, t] → logits [b, t, vocab] for a causal LM); steer it through
+    `.steering` (per-head knobs, state [L, H]), record with `.record(...)` (e.g. z [b, t, H, d_head]
+    per layer), generate with `.generate(...)`."""
 
     def __init__(self, model: nn.Module, mode: str, fullgraph: bool, lower: bool = False, merged=None):
         super().__init__()
@@ -363,6 +367,8 @@ class InstrumentedModel(nn.Module):
     # ---- public surface -------------------------------------------------------------------
     @property
     def sites(self) -> tuple[SiteInfo, ...]:
+        """The L attention sites, one SiteInfo per layer index 0 … L − 1 (the L of every [L, H]
+        result); found on the first call (NotDiscoveredError before it, unless example_inputs)."""
         if self._sites is None:
             raise NotDiscoveredError("sites are found on the first call; call the model once "
                                      "or pass example_inputs= to attnfx.instrument")
@@ -370,18 +376,27 @@ class InstrumentedModel(nn.Module):
 
     @property
     def num_layers(self) -> int:
+        """L: the number of attention sites (the first axis of [L, H] results and state)."""
         return len(self.sites)
 
     @property
     def final_norm(self) -> FinalNormInfo | None:
+        """The path from the residual stream [b, t, d_model] to the logits [b, t, vocab] (its
+        norm, unembedding, scales and soft-cap), or None when none was found."""
         self.sites
         return self._final_norm
 
     def forward(self, *args, **kwargs):
+        """The wrapped model's forward, run by the instrumented graph: the model's own arguments
+        and outputs (a causal LM: input_ids [b, t] → logits [b, t, vocab]), with the current
+        steering applied and, inside `record`, the records of this call collected."""
         return self._call(args, kwargs)
 
     def generate(self, *args, **kwargs):
-        """HF generation with steering (and recording) active in prefill and every decode step."""
+        """HF generation with steering (and recording) active in prefill and every decode step:
+        `model.generate`'s arguments and result (input_ids [b, t] → token ids [b, t + n], n the new
+        tokens); inside `record`, one entry of `rec.calls` per instrumented call (the prefill, then
+        each decode step)."""
         self._check_attached()
         if not callable(getattr(self.model, "generate", None)):
             raise UnsupportedModelError(f"{type(self.model).__name__} has no generate()")
@@ -429,8 +444,12 @@ class InstrumentedModel(nn.Module):
         return BaseModelOutput(last_hidden_state=out.encoder_last_hidden_state)
 
     def record(self, *kinds, directions=None, heads=None, positions=None, layers=None, spans=None):
-        """Context manager: `with im.record("z", "readout", directions=R) as rec: im(x)`. Kinds and
-        layouts: recording.py; `layers` limits the per-layer components to those layers."""
+        """Context manager: `with im.record("z", "readout", directions=R) as rec: im(x)`, a Recording
+        (shapes per kind in attnfx.state.recording: e.g. z, a list over layers of [b, t, H, d_head]).
+        directions: R [K, d_model] or [L, K, d_model] for "readout"; heads: (layer, head) pairs for
+        "contrib"; positions: query positions kept by "contrib" and "pattern"; spans: key spans
+        [n, 2] (start, end) for "attention_stats"; `layers` limits the per-layer components to those
+        layers."""
         from .state.recording import Recording
 
         self._check_attached()
@@ -462,6 +481,7 @@ class InstrumentedModel(nn.Module):
         return self._mode
 
     def extra_repr(self) -> str:
+        """The backend, as `print(im)` shows it after the module's name."""
         return "backend=" + self._mode
 
     def __repr__(self):

@@ -23,7 +23,9 @@ SIDES = ("left", "right")
 
 @dataclass(frozen=True)
 class Batch:
-    """One padded batch: `im(**batch.encoding)` runs it; `batch.last_positions` are its rows' last real tokens."""
+    """One padded batch of b examples: `im(**batch.encoding)` runs it (input_ids, attention_mask
+    [b, t], and position_ids [b, t] when added); `indices` [b] are the rows' places in the source;
+    `batch.last_positions` [b] their last real tokens."""
     encoding: Mapping           # the tokenizer's BatchEncoding: input_ids, attention_mask [b, t] (+ position_ids)
     indices: torch.Tensor       # [b] long: each row's index in the source
     texts: tuple[str, ...]
@@ -41,7 +43,8 @@ class Batch:
 def batches(source, tokenizer, *, batch_size: int = 8, padding_side: str | None = None, column: str = "text",
             max_length: int | None = None, position_ids: bool | None = None, device=None,
             progress: bool | None = True):
-    """An iterator of `Batch`es over `source`, in order, each example once. source: a list of
+    """An iterator of `Batch`es over `source`, in order, each example once (each encoding's
+    tensors [b, t], b ≤ batch_size, t the batch's longest example). source: a list of
     texts, a list of dicts or a `datasets.Dataset` (read `column`, a slice at a time).
     padding_side: None uses the tokenizer's. max_length truncates (on the tokenizer's side).
     position_ids: None adds them to left-padded batches only, True to every batch, False never (a

@@ -271,8 +271,8 @@ def token_loss():
 # ---- results on disk --------------------------------------------------------------------------
 def save(path, tensors: Mapping, *, labels=None, metadata: Mapping | None = None,
          distributed: bool | None = None) -> None:
-    """Write `tensors` ({name: tensor}) to a safetensors file, with `labels` (a list, e.g. one
-    text or class per example, or a dict of such lists) and `metadata` ({str: value}) as JSON in
+    """Write `tensors` ({name: tensor}, any shapes: `reduce`'s [L, H] means, [N, ...] rows) to a
+    safetensors file, with `labels` (a list, e.g. one text or class per example, or a dict of such lists) and `metadata` ({str: value}) as JSON in
     its header. Both must be JSON that reads back equal (str, numbers, bools, None, lists, dicts
     with str keys; no NaN); a tuple of labels is saved as a list. Never pickles.
     distributed (as reduce's): under a process group of more than one rank only rank 0 writes; the
@@ -295,7 +295,9 @@ def save(path, tensors: Mapping, *, labels=None, metadata: Mapping | None = None
 
 
 def load(path) -> tuple[dict[str, torch.Tensor], object, dict | None]:
-    """(tensors on the CPU, labels, metadata) of a file written by `save` (None where absent)."""
+    """(tensors on the CPU, labels, metadata) of a file written by `save` (None where absent): the
+    tensors {name: tensor} with the shapes they were saved with, e.g. `reduce`'s results ([L, H]
+    means, or [N, ...] rows under "none")."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 

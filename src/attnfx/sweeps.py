@@ -98,7 +98,8 @@ def _corrupt_batch(data, batch, corrupt, tokenizer):
 
 
 def combined(*analyses):
-    """Analysis: every analysis's results on each batch, in one dict (their names must differ)."""
+    """Analysis: every analysis's results on each batch, in one dict {name: [b, ...]} (e.g. "dla"
+    and "relevance", each [b, L, H]; their names must differ)."""
     if not analyses or not all(map(callable, analyses)):
         raise InvalidArgumentError("combined takes one or more analyses (im, batch) -> dict of tensors")
 

@@ -100,8 +100,8 @@ def relevance_view(tokens, relevance: torch.Tensor, path, *, title: str | None =
 
 
 def attention_view_of(im, tokenizer, text: str, path, *, layer: int, heads=None, title: str | None = None) -> Path:
-    """Record `layer`'s pattern of `im` on `text` (a transformers tokenizer's encoding) and write
-    its attention_view."""
+    """Record `layer`'s pattern [H, t, t] of `im` on `text` (a transformers tokenizer's encoding,
+    input_ids [1, t]) and write its attention_view."""
     batch = tokenizer(text, return_tensors="pt").to(next(im.parameters()).device)
     with torch.no_grad(), im.record("pattern", layers=[layer]) as rec:
         im(**batch)

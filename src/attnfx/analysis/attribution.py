@@ -37,7 +37,10 @@ _WIDE = torch.float64             # the frozen-linear algebra in fp64: the sum i
 @dataclass
 class LogitAttribution:
     """Additive decomposition of the logit (difference) at one position per example:
-    heads.sum((1, 2)) + attn_bias.sum(1) + mlp.sum(1) + embed + norm_bias + logit_bias + const = total."""
+    heads.sum((1, 2)) + attn_bias.sum(1) + mlp.sum(1) + embed + norm_bias + logit_bias + const = total.
+
+    heads [b, L, H] (0 off the direct path), attn_bias [b, L], mlp [b, L], embed / norm_bias /
+    logit_bias / const / total [b]; direct [L] bool (the site is on the logits' direct path)."""
     heads: torch.Tensor           # [b, L, H] direct effect of each head (0 off the direct path)
     attn_bias: torch.Tensor       # [b, L] the output projection's bias b_O
     mlp: torch.Tensor             # [b, L] the branch the stream adds after site l's attention (its MLP)
@@ -53,15 +56,16 @@ class LogitAttribution:
 
 def head_attribution(im, inputs, target, foil=None, position=None, *, reduce: str = "mean") -> torch.Tensor:
     """Direct logit attribution of every head: [L, H] (reduce="mean" or "sum" over the batch) or
-    [b, L, H] (reduce="none"), through every norm, scale and bias on the path (see the module);
-    soft-capped logits are attributed before the cap (logit_attribution(...).pre_softcap says
-    so). inputs: a tensor, a tuple of arguments or a mapping of keyword arguments (a dict, a
-    tokenizer's BatchEncoding). target/foil: a token id or one per example (an int or numpy
-    integer, a 0-d or 1-d integer tensor or array, or a list of ints). position: None (the
-    default) reads each row's last real token per the call's attention_mask (the decoder's, for an
-    encoder-decoder) — before the pads of a right-padded row, the last position of a left-padded
-    one — and the last position when the call has no mask; an int or one per example reads those
-    positions (−1 is the last position, pad or not)."""
+    [b, L, H] (reduce="none"), fp32 (computed in fp64), through every norm, scale and bias on the
+    path (see the module); soft-capped logits are attributed before the cap
+    (logit_attribution(...).pre_softcap says so). inputs: a tensor, a tuple of arguments or a
+    mapping of keyword arguments (a dict, a tokenizer's BatchEncoding; input_ids [b, t]).
+    target/foil: a token id or one per example (an int or numpy integer, a 0-d or 1-d integer
+    tensor [b] or array, or a list of ints). position: None (the default) reads each row's last
+    real token per the call's attention_mask (the decoder's, for an encoder-decoder) — before the
+    pads of a right-padded row, the last position of a left-padded one — and the last position
+    when the call has no mask; an int or one per example reads those positions (−1 is the last
+    position, pad or not)."""
     if reduce not in ("mean", "sum", "none"):
         raise InvalidArgumentError(f"reduce must be 'mean', 'sum' or 'none', got {reduce!r}")
     dla = logit_attribution(im, inputs, target, foil, position).heads
@@ -74,8 +78,8 @@ def head_attribution(im, inputs, target, foil=None, position=None, *, reduce: st
 
 def logit_attribution(im, inputs, target, foil=None, position=None) -> LogitAttribution:
     """The logit (target − foil) at `position` as a sum of independently computed components
-    (LogitAttribution), from one forward pass capturing each component's graph node. Arguments as
-    head_attribution's."""
+    (LogitAttribution: heads [b, L, H], attn_bias and mlp [b, L], the rest [b]; total [b]), from one
+    forward pass capturing each component's graph node. Arguments as head_attribution's."""
     args, kwargs = as_call(inputs)
     if im._sites is None:
         im._discover(args, kwargs)

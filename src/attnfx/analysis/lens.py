@@ -64,9 +64,10 @@ def final_sigma(im, x: torch.Tensor) -> torch.Tensor:
 
 
 def logit_lens(im, inputs, positions=None, norm: str = "live") -> torch.Tensor:
-    """[n + 1, b, P, vocab]: the logits of the stream entering each of the n lens_layers and of
-    the final stream (the model's logits), at `positions` (all when None). inputs as the model's
-    call takes them (a dict of keyword arguments, a tuple or a tensor)."""
+    """[n + 1, b, P, vocab] fp32 (fp64 for an fp64 model): the logits of the stream [b, t, d_model]
+    entering each of the n lens_layers and of the final stream (the model's logits), at the P
+    `positions` (an index or a list of them; all t when None). inputs as the model's call takes
+    them (a dict of keyword arguments, a tuple or a tensor; input_ids [b, t])."""
     if norm not in ("live", "frozen"):
         raise InvalidArgumentError(f"norm must be 'live' or 'frozen', got {norm!r}")
     if im.final_norm is None:

@@ -34,7 +34,8 @@ Metric = Callable[[torch.Tensor], torch.Tensor]
 
 class OutputsMetric:
     """A metric of the model's whole outputs (made by `of_outputs`): patching hands it the outputs
-    as the model returns them, not the main output."""
+    as the model returns them, not the main output [b, t, vocab]; it returns one value per example
+    [b]."""
 
     def __init__(self, fn: Callable):
         if not callable(fn):
@@ -42,6 +43,7 @@ class OutputsMetric:
         self.fn = fn
 
     def __call__(self, outputs) -> torch.Tensor:
+        """fn(outputs): the metric of the outputs as the model returns them, [b]."""
         return self.fn(outputs)
 
 
@@ -84,13 +86,15 @@ def _check_kinds(**values) -> None:
 
 
 def logit(token, position=-1) -> Metric:
-    """logit[token] at `position`."""
+    """logit[token] at `position`: a metric logits [b, t, vocab] → [b] (fp32; fp64 for fp64).
+    token, position: one for all or one per example ([b])."""
     _check_kinds(target=token, position=position)
     return lambda logits: _pick(_at(logits, position), token, "target")
 
 
 def logit_diff(correct, incorrect, position=-1) -> Metric:
-    """logit[correct] − logit[incorrect] at `position`."""
+    """logit[correct] − logit[incorrect] at `position`: a metric logits [b, t, vocab] → [b]
+    (fp32; fp64 for fp64). correct, incorrect, position: one for all or one per example ([b])."""
     _check_kinds(correct=correct, incorrect=incorrect, position=position)
 
     def metric(logits):
@@ -100,7 +104,9 @@ def logit_diff(correct, incorrect, position=-1) -> Metric:
 
 
 def normalized_logit_diff(correct, incorrect, clean_logits, corrupt_logits, position=-1) -> Metric:
-    """(LD − LD_corrupt) / (LD_clean − LD_corrupt): 1 at the clean run, 0 at the corrupt run."""
+    """(LD − LD_corrupt) / (LD_clean − LD_corrupt): 1 at the clean run, 0 at the corrupt run; a
+    metric logits [b, t, vocab] → [b], LD the logit_diff. clean_logits, corrupt_logits: the two
+    runs' logits [b, t, vocab]."""
     raw = logit_diff(correct, incorrect, position)
     clean, corrupt = raw(clean_logits).detach(), raw(corrupt_logits).detach()
     span = clean - corrupt
@@ -111,7 +117,8 @@ def normalized_logit_diff(correct, incorrect, clean_logits, corrupt_logits, posi
 
 
 def kl_to_clean(clean_logits, position=-1) -> Metric:
-    """KL(p_clean ‖ p) of the next-token distributions at `position` (0 at the clean run)."""
+    """KL(p_clean ‖ p) of the next-token distributions at `position` (0 at the clean run): a
+    metric logits [b, t, vocab] → [b]; clean_logits [b, t, vocab] the clean run's."""
     _check_kinds(position=position)
     clean = F.log_softmax(_at(clean_logits, position), -1).detach()
 
@@ -122,14 +129,15 @@ def kl_to_clean(clean_logits, position=-1) -> Metric:
 
 
 def target_prob(tokens, position=-1) -> Metric:
-    """p(token) at `position`."""
+    """p(token) at `position`: a metric logits [b, t, vocab] → [b]. tokens, position: one for all
+    or one per example ([b])."""
     _check_kinds(target=tokens, position=position)
     return lambda logits: _pick(F.softmax(_at(logits, position), -1), tokens, "target")
 
 
 def projection(direction, position=-1) -> Metric:
-    """⟨output[position], direction⟩: the main output at `position` along a direction [n], or one
-    per example [b, n] — a backbone's hidden state along a probe's direction (position 0: a ViT's
+    """⟨output[position], direction⟩: a metric main output [b, t, n] → [b], the output at
+    `position` along a direction [n], or one per example [b, n] — a backbone's hidden state along a probe's direction (position 0: a ViT's
     class token), or a weighted set of a language model's logits."""
     _check_kinds(position=position)
     direction = torch.as_tensor(direction)

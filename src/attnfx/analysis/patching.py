@@ -48,7 +48,10 @@ COMPONENTS = ("heads", "attn", "mlp", "resid", "queries", "keys", "values")
 @dataclass
 class PatchingResult:
     """scores: [L, H] ([L, H, T] per position) for head kinds, [L] ([L, T]) for the others; per
-    position, T spans the longest layer and a layer's positions past its own length are NaN."""
+    position, T spans the longest layer and a layer's positions past its own length are NaN (for
+    "keys" and "values", H counts the kv heads as the attention reads them). `dims` names the
+    axes of scores; clean and corrupt [b]: the metric of each run per example; signed (AtP*) shaped
+    as scores."""
     scores: torch.Tensor
     dims: tuple[str, ...]
     component: str
@@ -108,8 +111,9 @@ def _captured(im, inputs, kinds: tuple[str, ...]) -> tuple[object, dict[str, lis
 
 
 def capture(im, inputs, kinds: tuple[str, ...]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One forward returning the main output (the logits) and, per kind, the activations stacked
-    over layers ([L, b, t(, H), d]: t the longest layer's, zeros past a layer's own length; scores
+    """One forward returning the main output (the logits [b, t, vocab]) and, per kind, the
+    activations stacked over layers ([L, b, t(, H), d]: d the head's d_head for head kinds, d_model
+    for the others; t the longest layer's, zeros past a layer's own length; scores
     [L, b, H, T, S])."""
     outputs, per_layer = _captured(im, inputs, kinds)
     return main_output(outputs), {kind: padded_stack(xs) for kind, xs in per_layer.items()}
@@ -175,7 +179,12 @@ def activation_patching(im, clean, corrupt, metric: Callable, components: str = 
     """Exact: one patched run per component, many runs batched into one forward (the clean
     batch tiled, each tile patching one component); the last chunk is padded with unpatched
     tiles so every forward has one shape (no recompilation). Per position, each layer's own
-    positions are patched (an encoder layer's: the encoder's tokens) and the rest are NaN."""
+    positions are patched (an encoder layer's: the encoder's tokens) and the rest are NaN.
+
+    clean, corrupt: inputs as the model takes them, of one shape (input_ids [b, t], ...); metric:
+    the main output (logits [b, t, vocab]) → [b] (attnfx.metrics). Scores [L, H] per head
+    (components "heads", "queries", "keys", "values"), [L] per layer ("attn", "mlp", "resid");
+    [L, H, T] / [L, T] per_position."""
     start = time.perf_counter()
     (args, kwargs), _, batch = _check(im, clean, corrupt, components)
     corrupt_outputs, captured = _captured(im, corrupt, (components,))
@@ -257,14 +266,17 @@ def _estimate(im, args, kwargs, metric, kind, source, rule: str, keep=None) -> t
 
 def attribution_patching(im, clean, corrupt, metric: Callable, components: str = "heads", *,
                          per_position: bool = False) -> PatchingResult:
-    """AtP: 2 forwards + 1 backward for every component at once."""
+    """AtP: 2 forwards + 1 backward for every component at once. Arguments as
+    activation_patching's (clean, corrupt: input_ids [b, t], ...; metric → [b]); scores [L, H] per
+    head, [L] per layer ([L, H, T] / [L, T] per_position)."""
     return _gradient_method(im, clean, corrupt, metric, components, per_position, "gradient", "atp")
 
 
 def relp(im, clean, corrupt, metric: Callable, components: str = "heads", *, per_position: bool = False,
          rule: str = "attnlrp") -> PatchingResult:
     """RelP: AtP with the LRP coefficients of the lrp pass (AttnLRP rules by default); 2 forwards
-    + 1 backward."""
+    + 1 backward. Scores [L, H] per head, [L] per layer ([L, H, T] / [L, T] per_position), as
+    activation_patching's."""
     if rule not in ("attnlrp", "cp-lrp"):
         raise InvalidArgumentError(f"RelP's rule must be 'attnlrp' or 'cp-lrp', got {rule!r}")
     if rule == "cp-lrp" and components in ("queries", "keys"):
@@ -292,7 +304,9 @@ def atp_star(im, clean, corrupt, metric: Callable, components: str = "heads", *,
     gradient through layer ℓ's attention and MLP outputs zeroed, for each ℓ in turn; the score is
     the mean over examples and over the ℓ other than the component's own layer of |estimate|,
     an upper-bound-like magnitude that cancellation cannot hide). `signed` keeps the
-    QK-fixed AtP without GradDrop. Passes: 2 + L forwards, 1 + L backwards (GradDrop off: 2, 1)."""
+    QK-fixed AtP without GradDrop. Passes: 2 + L forwards, 1 + L backwards (GradDrop off: 2, 1).
+    Scores [L, H] per head, [L] per layer ([L, H, T] / [L, T] per_position), as
+    activation_patching's."""
     start = time.perf_counter()
     (args, kwargs), _, _ = _check(im, clean, corrupt, components)
     layers = len(im.sites)

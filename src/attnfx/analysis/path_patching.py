@@ -59,9 +59,11 @@ def path_patching(im, clean, corrupt, metric: Callable, *, receivers, receiver_i
     """The mean change of `metric` when the sender heads' direct paths into the receivers'
     `receiver_input` ("q", "k", "v" or several) carry the corrupt run's values, everything else at
     the clean run. senders=None: every head alone → scores [L, H] (NaN where a head has no later
-    receiver to reach); a list of (layer, head) pairs or of lists of pairs → scores [groups].
-    A receiver's k / v is its kv head's, as the attention reads it (with grouped-query attention
-    read as [b, H_kv, ...], patching it reaches every query head of the group)."""
+    receiver to reach); a list of (layer, head) pairs or of lists of pairs → scores [G], one per
+    group. A receiver's k / v is its kv head's, as the attention reads it (with grouped-query
+    attention read as [b, H_kv, ...], patching it reaches every query head of the group).
+    clean, corrupt: inputs as the model takes them, of one shape (input_ids [b, t], ...); metric:
+    the main output (logits [b, t, vocab]) → [b] (attnfx.metrics); receivers: (layer, head) pairs."""
     start = time.perf_counter()
     (args, kwargs), (cargs, ckwargs), batch = _check(im, clean, corrupt, "heads")
     kinds = tuple(dict.fromkeys(INPUTS[k] for k in ((receiver_input,) if isinstance(receiver_input, str)

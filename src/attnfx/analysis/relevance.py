@@ -85,7 +85,9 @@ COMPONENTS = {"tokens": "tokens", "heads": "heads", "attn": "attn", "mlp": "mlp"
 
 def relevance(im, inputs, target, *, rule: str = "attnlrp", foil=None, position=None,
               components=tuple(COMPONENTS), check: bool = False) -> Relevance:
-    """Relevance of every component for `target`:
+    """Relevance of every component for `target`, as a Relevance: tokens [b, t],
+    heads_per_position [b, t, L, H] (`.heads` [b, L, H]), attn / mlp / residual [b, t, L],
+    target [b]. The target is one of:
 
     * a token id or one per example (an int or numpy integer, a 0-d or 1-d integer tensor or
       array, or a list of ints — the convention of head_attribution): its logit at `position`,
@@ -93,7 +95,8 @@ def relevance(im, inputs, target, *, rule: str = "attnlrp", foil=None, position=
     * a {token: weight} dict: a weighted set of logits at `position`;
     * a list of (position, token) or (position, token, weight) tuples: several generated tokens at
       once (a list of tuples, where a list of ints is one token per example);
-    * a callable outputs → [b]: any scalar function of the outputs per example.
+    * a callable outputs → [b]: any scalar function of the outputs per example (e.g. of
+      outputs.logits [b, t, vocab]; the outputs as the model returns them).
 
     position (token and dict targets), a position of the main output (an encoder–decoder's decoder
     logits): None (the default) is each row's last real token per the call's attention_mask (an

@@ -35,8 +35,9 @@ def load_tokenizer(path=None):
 
 
 def load_default(device="cpu", *, attn_implementation: str = "sdpa", path=None):
-    """(model, tokenizer) of the default model: a GPT2LMHeadModel in eval mode and its tokenizer.
-    Reads only files inside the package (or `path`, a folder written by the training script)."""
+    """(model, tokenizer) of the default model: a GPT2LMHeadModel in eval mode (input_ids [b, t] →
+    logits [b, t, vocab]) and its tokenizer. Reads only files inside the package (or `path`, a
+    folder written by the training script)."""
     import transformers
 
     if attn_implementation not in ("sdpa", "eager"):

@@ -27,14 +27,15 @@ __all__ = ["DecoreResult", "entropy", "generate"]
 
 @dataclass
 class DecoreResult:
-    """DeCoRe decoding: the contrastive tokens, each step's α, and what the base stream alone would pick."""
-    tokens: torch.Tensor        # [n, steps] the generated tokens
-    alphas: torch.Tensor        # [n, steps] α of each step
-    base_tokens: torch.Tensor   # [n, steps] what the base stream alone would pick at each step (argmax z)
+    """DeCoRe decoding: the contrastive tokens [b, steps], each step's α [b, steps], and what the base
+    stream alone would pick [b, steps] (steps = max_new_tokens)."""
+    tokens: torch.Tensor        # [b, steps] the generated tokens
+    alphas: torch.Tensor        # [b, steps] α of each step
+    base_tokens: torch.Tensor   # [b, steps] what the base stream alone would pick at each step (argmax z)
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
-    """H(softmax(logits)) over the last axis, in nats (fp32)."""
+    """H(softmax(logits)) over the last axis, in nats (fp32): logits [..., vocab] → [...]."""
     logp = torch.log_softmax(logits.float(), dim=-1)
     return -(logp.exp() * logp).sum(-1)
 
@@ -42,8 +43,9 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def generate(im, inputs, heads, *, max_new_tokens: int, alpha_cap: float | None = None,
              scale_alpha: bool = False, mask_prompt: bool = False) -> DecoreResult:
-    """Greedy DeCoRe decoding of a batch of prompts (input_ids [n, t] with an attention_mask for
-    left-padded batches) contrasting the model with itself with `heads` ([(layer, head), ...])
+    """Greedy DeCoRe decoding of a batch of prompts (input_ids [b, t] with an attention_mask [b, t]
+    for left-padded batches) into a DecoreResult (tokens, alphas, base_tokens [b, max_new_tokens]),
+    contrasting the model with itself with `heads` ([(layer, head), ...])
     zero-ablated — from the prompt's last token on (the paper's code), or over the whole prompt
     (mask_prompt=True). Every prompt gets exactly max_new_tokens tokens (none stops early)."""
     args, kwargs = as_call(inputs)

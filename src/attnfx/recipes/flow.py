@@ -47,6 +47,8 @@ class FlowGraph:
     edges: list[tuple[tuple, tuple, float, str]] = field(default_factory=list)
 
     def to_json(self, path) -> Path:
+        """Write the graph as JSON ({"position", "threshold", "edges": [{"source", "target",
+        "importance", "kind"}, ...]}) to `path`; returns it."""
         path = Path(path)
         path.write_text(json.dumps({"position": self.position, "threshold": self.threshold,
                                     "edges": [{"source": list(s), "target": list(t), "importance": w, "kind": k}
@@ -101,8 +103,10 @@ def _components(im, args, kwargs):
 
 def information_flow(im, inputs, *, position: int = -1, threshold: float = 0.04, heads: bool = False,
                      example: int = 0) -> FlowGraph:
-    """The routes to the prediction at `position` of row `example` of `inputs`: every edge whose
-    importance is ≥ threshold, reached from the final stream at that position."""
+    """The routes to the prediction at `position` of row `example` of `inputs` (as the model takes
+    them: input_ids [b, t], ...): every edge whose importance is ≥ threshold, reached from the
+    final stream at that position, from the records resid_pre [b, t, d_model], pattern
+    [b, H, t, s] and each head's write [b, t, d_model] per layer."""
     if not 0.0 < threshold < 1.0:
         raise InvalidArgumentError(f"threshold must be in (0, 1), got {threshold!r}")
     args, kwargs = as_call(inputs)

@@ -34,7 +34,9 @@ LBFGS_STEPS = 100          # full-batch LBFGS in fp64 converges in < 50 on these
 @dataclass(frozen=True)
 class Lookback:
     """Lookback ratios of a generate call: per row and head the attention on the prompt over that
-    plus the attention on the tokens generated so far, averaged over the decode steps."""
+    plus the attention on the tokens generated so far, averaged over the decode steps. ratios
+    [b, L, H] fp32, steps [b, n − 1, L, H] (LR_j of decode step j = 1 … n − 1), tokens [b, n] (the n
+    generated tokens), valid [b, n − 1] bool; NaN where a row has no valid step."""
     ratios: torch.Tensor        # [b, L, H] fp32: mean over a row's valid steps (NaN: none)
     steps: torch.Tensor         # [b, n − 1, L, H]: LR_j of decode step j = 1 … n − 1 (NaN: not valid)
     tokens: torch.Tensor        # [b, n] the generated tokens
@@ -44,7 +46,8 @@ class Lookback:
 def lookback_ratios(im, encoding, *, max_new_tokens: int, **generate_kwargs) -> Lookback:
     """Greedy (or as generate_kwargs say) generation of up to max_new_tokens from a left-padded
     `encoding` (input_ids, attention_mask [b, T0]; position_ids are dropped: generate derives
-    them from the mask), recording "attention_stats" at every step."""
+    them from the mask), recording "attention_stats" at every step: a Lookback (ratios [b, L, H],
+    tokens [b, n], n ≤ max_new_tokens)."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 2:
         raise InvalidArgumentError(f"max_new_tokens must be an int ≥ 2 (the first token has no ratio), "
                                    f"got {max_new_tokens!r}")
@@ -62,8 +65,9 @@ def lookback_ratios(im, encoding, *, max_new_tokens: int, **generate_kwargs) -> 
 
 
 def from_patterns(patterns, attention_mask: torch.Tensor, tokens: torch.Tensor, eos=None) -> Lookback:
-    """Reference in plain torch: the same from explicit patterns recorded during the same
-    generation (a list over calls of lists over layers of [b, H, t, s], rec["pattern"] per call)."""
+    """Reference in plain torch: the same Lookback from explicit patterns recorded during the same
+    generation (a list over calls of lists over layers of [b, H, t, s], rec["pattern"] per call),
+    the prompt's attention_mask [b, T0] and the generated tokens [b, n]; eos: the end token id(s)."""
     width = attention_mask.shape[1]
     context, new = [], []
     for call in patterns[1:]:
@@ -75,7 +79,8 @@ def from_patterns(patterns, attention_mask: torch.Tensor, tokens: torch.Tensor, 
 
 def step_entropy(patterns, valid: torch.Tensor) -> torch.Tensor:
     """The baseline's features: [b, L, H] mean over valid decode steps of each head's attention
-    entropy −Σ p log p (nats) at the step's query, from explicit patterns (as `from_patterns`)."""
+    entropy −Σ p log p (nats) at the step's query, from explicit patterns (as `from_patterns`);
+    valid [b, n − 1] bool, as Lookback.valid."""
     steps = []
     for call in patterns[1:]:
         last = padded_stack([p[:, :, -1] for p in call], dim=1, fill=float("nan"))       # [b, L, H, s]
@@ -134,20 +139,22 @@ def _left_padded_mask(encoding) -> torch.Tensor:
 # ---- the detector -------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Detector:
-    """Logistic regression on standardised features: score(x) = ((x − mean) / std) · weight + bias."""
+    """Logistic regression on standardised features: score(x) = ((x − mean) / std) · weight + bias,
+    mean, std and weight [f] fp64 (f features), bias [] (a scalar)."""
     mean: torch.Tensor
     std: torch.Tensor
     weight: torch.Tensor
     bias: torch.Tensor
 
     def score(self, x: torch.Tensor) -> torch.Tensor:
-        """[n] logits of the positive class."""
+        """[n] fp64 logits of the positive class of features x [n, f]."""
         return ((x.double() - self.mean) / self.std) @ self.weight + self.bias
 
 
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, *, l2: float = L2, steps: int = LBFGS_STEPS) -> Detector:
     """Fit on x [n, f] and labels y [n] (0/1): mean binary cross-entropy + l2/2 · |w|², full-batch
-    LBFGS in fp64 (plain torch; the paper used scikit-learn's LogisticRegression)."""
+    LBFGS in fp64 (plain torch; the paper used scikit-learn's LogisticRegression); a Detector
+    (weight [f])."""
     x, y = _checked(x, y)
     mean, std = x.mean(0), x.std(0).clamp(min=1e-12)                 # constant features: weight stays ~0
     z = (x - mean) / std
@@ -168,7 +175,8 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, *, l2: float = L2, steps: int
 
 
 def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
-    """Area under the ROC curve: the Mann-Whitney U over n₊ · n₋, ties counted one half."""
+    """Area under the ROC curve of scores [n] for labels [n] (0/1): the Mann-Whitney U over n₊ · n₋,
+    ties counted one half."""
     scores, labels = _checked(scores.view(-1, 1), labels)
     scores = scores.view(-1)
     positives, negatives = scores[labels == 1], scores[labels == 0]
@@ -177,7 +185,8 @@ def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def roc_curve(scores: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(false positive rates, true positive rates), from (0, 0) to (1, 1), one point per distinct score."""
+    """(false positive rates, true positive rates), each [m + 1] fp64 for m distinct values of
+    scores [n] (labels [n], 0/1): from (0, 0) to (1, 1), one point per distinct score."""
     scores, labels = _checked(scores.view(-1, 1), labels)
     order = scores.view(-1).argsort(descending=True)
     sorted_scores, hits = scores.view(-1)[order], labels[order]

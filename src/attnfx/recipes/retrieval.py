@@ -30,8 +30,9 @@ SEPARATOR = "|"              # the default model's copy documents: "w1 … wk | 
 
 
 class CopyPrompt(NamedTuple):
-    """A copy-paste prompt: token ids with the source span the model should copy."""
-    ids: torch.Tensor        # [P] int64: the prompt
+    """A copy-paste prompt: token ids [t] int64 with the source span ids[start:end] the model should
+    copy."""
+    ids: torch.Tensor        # [t] int64: the prompt
     start: int               # the source to copy is ids[start:end]
     end: int
 
@@ -39,15 +40,17 @@ class CopyPrompt(NamedTuple):
 @dataclass(frozen=True)
 class Retrieval:
     """Retrieval scores of copy-paste decoding: per head, how often its most attended key was the
-    source token being copied; per prompt, and whether the copy was exact."""
+    source token being copied (scores [L, H] fp32, the mean over prompts); per prompt (per_prompt
+    [N, L, H], N prompts), and whether the copy was exact (copied [N] bool)."""
     scores: torch.Tensor       # [L, H] fp32: mean over prompts of hits / k
     per_prompt: torch.Tensor   # [N, L, H] fp32: hits / k, in the prompts' order
     copied: torch.Tensor       # [N] bool: the k greedy tokens equal the source (exact match)
 
 
 def copy_prompts(tokenizer, items: Sequence[dict] | None = None) -> list[CopyPrompt]:
-    """`<bos> w1 … wk |` for each item {"first": "w1 … wk"} (default: the default model's held-out
-    copy prompts, attnfx.models.load_prompts()["copy"])."""
+    """A CopyPrompt (ids [t], the source ids[start:end] = w1 … wk) of `<bos> w1 … wk |` for each
+    item {"first": "w1 … wk"} (default: the default model's held-out copy prompts,
+    attnfx.models.load_prompts()["copy"])."""
     if items is None:
         from ..models.loader import load_prompts
 
@@ -62,8 +65,9 @@ def copy_prompts(tokenizer, items: Sequence[dict] | None = None) -> list[CopyPro
 
 
 def step_hits(index: torch.Tensor, seq: torch.Tensor, token: torch.Tensor, start: int, end: int) -> torch.Tensor:
-    """index [b, ...] the argmax key of each head, seq [b, s] the tokens at the keys, token [b] the
-    token generated: a hit where start ≤ index < end and seq[index] = token."""
+    """index [b, ...] the argmax key of each head (e.g. [b, H]), seq [b, s] the tokens at the keys,
+    token [b] the token generated → bool [b, ...], shaped as index: a hit where
+    start ≤ index < end and seq[index] = token."""
     flat = index.reshape(index.shape[0], -1)
     at = seq.gather(1, flat.clamp(min=0)).view_as(index)
     inside = (index >= start) & (index < end)
@@ -71,9 +75,10 @@ def step_hits(index: torch.Tensor, seq: torch.Tensor, token: torch.Tensor, start
 
 
 def retrieval_scores(im, prompts: Sequence[CopyPrompt], *, batch_size: int = 64) -> Retrieval:
-    """Greedy copy decoding with q and k recorded at every step; per step and layer one
-    attention_argmax call on the query that predicts the next token (KV cache: T = 1 after the
-    prefill), with the layer's softmax scale."""
+    """Greedy copy decoding with q [b, t, H, d_head] and k [b, s, H_kv, d_head] recorded at every
+    step; per step and layer one attention_argmax call on the query that predicts the next token
+    (KV cache: t = 1 after the prefill), with the layer's softmax scale. A Retrieval: scores
+    [L, H], per_prompt [N, L, H], copied [N] for the N prompts."""
     _check(im, prompts, batch_size)
     L, H = len(im.sites), max(site.num_heads for site in im.sites)
     per_prompt = torch.full((len(prompts), L, H), float("nan"))
@@ -110,7 +115,8 @@ def copy_accuracy(im, prompts: Sequence[CopyPrompt], *, batch_size: int = 64) ->
 
 
 def top_heads(scores: torch.Tensor, k: int) -> list[tuple[int, int]]:
-    """The k (layer, head) pairs of highest score (NaN — a head a layer lacks — never chosen)."""
+    """The k (layer, head) pairs of highest score in scores [L, H] (NaN — a head a layer lacks —
+    never chosen)."""
     flat = scores.nan_to_num(float("-inf")).flatten()
     order = torch.sort(flat, descending=True, stable=True).indices[:k]
     return [(int(i) // scores.shape[1], int(i) % scores.shape[1]) for i in order]

@@ -30,16 +30,19 @@ DEFAULT_EPS = 1e-4      # the authors' code (lib/SHIPS/get_ships.py): mask_type 
 
 @dataclass
 class ShipsResult:
-    """SHIPS head importance: KL of the last token's distribution under query scaling by ε, per head."""
+    """SHIPS head importance: KL of the last token's distribution under query scaling by ε, per head:
+    scores [L, H] fp32 on the CPU (the mean over examples; NaN where a layer lacks the head),
+    per_example [b, L, H]."""
     scores: torch.Tensor        # [L, H] fp32 on the CPU: mean over examples of KL(p ‖ p̃); NaN where a layer lacks the head
-    per_example: torch.Tensor   # [n, L, H]
+    per_example: torch.Tensor   # [b, L, H]
     forwards: int               # instrumented forwards run: 1 base + the tiled chunks
     seconds: float
 
 
 def kl_last(base_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """KL(softmax(base) ‖ softmax(logits)) over the last axis, in nats (fp32). The paper adds 1e-12
-    to both distributions before the log; this is the exact KL from log-softmaxes."""
+    """KL(softmax(base) ‖ softmax(logits)) over the last axis, in nats (fp32): base_logits and logits
+    [..., vocab] → [...]. The paper adds 1e-12 to both distributions before the log; this is the
+    exact KL from log-softmaxes."""
     logp, logq = torch.log_softmax(base_logits.float(), -1), torch.log_softmax(logits.float(), -1)
     return (logp.exp() * (logp - logq)).sum(-1)
 
@@ -47,9 +50,10 @@ def kl_last(base_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def head_importance(im, inputs, *, eps: float = DEFAULT_EPS, rows_per_forward: int = 256,
                     progress: bool = True) -> ShipsResult:
-    """SHIPS scores of every head on a batch: inputs a dict / BatchEncoding (input_ids [n, t],
-    attention_mask for a padded batch, position_ids for a left-padded one, as `data.batches`
-    gives). Scored on the unsteered model (knobs set before are restored afterwards)."""
+    """SHIPS scores of every head on a batch, a ShipsResult (scores [L, H], per_example [b, L, H]):
+    inputs a dict / BatchEncoding (input_ids [b, t], attention_mask [b, t] for a padded batch,
+    position_ids [b, t] for a left-padded one, as `data.batches` gives). Scored on the unsteered
+    model (knobs set before are restored afterwards)."""
     start = time.perf_counter()
     _check_options(eps, rows_per_forward)
     args, kwargs = as_call(inputs)

@@ -54,7 +54,8 @@ def batch_sink_mass(im, batch, first: int = 1) -> torch.Tensor:
 
 def from_patterns(patterns, attention_mask: torch.Tensor, first: int = 1) -> torch.Tensor:
     """Reference in plain torch: [b, L, H] from explicit patterns (a list over layers of
-    [b, H, t, s], as rec["pattern"] gives) — what `batch_sink_mass` computes without them."""
+    [b, H, t, s], as rec["pattern"] gives) and the batch's attention_mask [b, t] — what
+    `batch_sink_mass` computes without them."""
     _check_first(first)
     mask = attention_mask.bool()
     starts = _first_columns(mask)

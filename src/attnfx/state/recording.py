@@ -73,7 +73,9 @@ _IGNORED = -100                     # HF's ignore_index
 class Recording:
     """`with im.record(*kinds) as rec:` — the records of every call made inside, from the graph's
     extra outputs: `rec[kind]` the last call's (a list over layers for per-layer kinds, `rec[kind, l]`
-    one layer), `rec.calls` every call's; shapes per kind in the module docstring."""
+    one layer), `rec.calls` every call's (a list of {kind: record} dicts); shapes per kind in the
+    module docstring, e.g. z [b, t, H, d_head] per layer, readout [b, t, L, H, K], resid_pre
+    [b, t, d_model] per layer, pattern [b, H, t, s] per layer."""
     def __init__(self, im, kinds, *, directions=None, heads=None, positions=None, layers=None, spans=None):
         kinds = tuple(dict.fromkeys(kinds))
         bad = [k for k in kinds if k not in KINDS]
@@ -188,7 +190,11 @@ class Recording:
         return False
 
     def __getitem__(self, kind):
-        """rec[kind], or rec[kind, layer] for one layer of a per-layer kind."""
+        """rec[kind], the last call's record: a list over layers for a per-layer kind (z, q, k, v,
+        pattern, lse, mass, resid_pre, ...: e.g. z [b, t, H, d_head] at each layer), one tensor for
+        the others (readout [b, t, L, H, K], final_norm [b, t, d_model], loss [b, t]), a dict
+        {(layer, head): [b, P, d_model]} for contrib; rec[kind, layer] one layer's tensor of a
+        per-layer kind."""
         if not self.calls:
             raise KeyError("nothing recorded yet: call the model inside the `with` block")
         if isinstance(kind, tuple):

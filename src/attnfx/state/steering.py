@@ -27,8 +27,11 @@ PROBE_KIND = {"resid_pre": "resid", "attn_out": "attn", "mlp_out": "mlp"}   # at
 
 class Steering:
     """`im.steering`: the per-head knobs (scale, ablate, patch, steering vectors) written into the
-    state tensors the compiled graph reads, so setting one never recompiles; `positions=` / `rows=`
-    narrow any knob to query (or key) positions and batch rows; `reset()` and the scoped forms undo."""
+    state tensors the compiled graph reads, so setting one never recompiles: scales and replace flags
+    [L, H] ([L, H_kv] for the values), patch sources [L, b, t, H, d_head] (b = t = 1 until a
+    per-position patch), steering vectors [L, groups, d_model]; `positions=` (an index, a list, a bool
+    mask [t] or [b, t], an int tensor [b, k]) / `rows=` (indices or a bool mask [b]) narrow any knob
+    to query (or key) positions and batch rows; `reset()` and the scoped forms undo."""
     def __init__(self, im):
         self._im = im
         self._means: torch.Tensor | None = None     # [L, H, d] mean head output of a reference batch
@@ -97,9 +100,11 @@ class Steering:
 
     # ---- knobs -----------------------------------------------------------------------------
     def scale(self, layer, head, factor, *, on: str = "z", positions=None, rows=None) -> None:
-        """Multiply head(s) by `factor` (at `positions` only: query positions for z and query, key
-        positions for the values; on batch `rows` only; see attnfx.state.positions). on="z": the head output z_h (query head); "value": the
-        value vectors of kv head(s) with their bias (= z of every query head of the group);
+        """Multiply head(s) by `factor`, a scalar written into the [L, H] scale state ([L, H_kv] for
+        the values) (at `positions` only: query positions for z and query, key positions for the
+        values; on batch `rows` only; see attnfx.state.positions). on="z": the head output z_h
+        [b, t, d_head] (query head); "value": the value vectors [b, s, d_head] of kv head(s) with
+        their bias (= z of every query head of the group);
         "value_unbiased": only the input-dependent part of v, keeping κ = β·W_V + b_V constant
         (β: the bias of the norm feeding v; TransformerLens' folded biases, Yu et al. 2023; its
         first use compiles once, as κ then joins the graph); "query": the query (SHIPS; scaling
@@ -116,11 +121,12 @@ class Steering:
 
     def ablate(self, layer, head, how: str = "zero", *, reference=None, generator=None, positions=None,
                rows=None) -> None:
-        """Replace z_h by zeros, by its mean over a reference batch (all valid positions), or
-        (resample) by its value on another example of the reference batch: example i reads
-        example π(i) ≠ i, π a random derangement (`generator` seeds it); the calls that follow
-        must then have the reference's [batch, seq]. `positions`, `rows`: at those query positions and
-        batch rows only."""
+        """Replace z_h [b, t, d_head] by zeros, by its mean [d_head] over a reference batch (all valid
+        positions; `mean_z`), or (resample) by its value on another example of the reference batch:
+        example i reads example π(i) ≠ i, π a random derangement (`generator` seeds it); the calls
+        that follow must then have the reference's [b, t]. reference: inputs as the model takes them
+        (input_ids [b, t], with an attention_mask [b, t] whose zeros the mean skips). `positions`,
+        `rows`: at those query positions and batch rows only."""
         if how not in ABLATIONS:
             raise InvalidArgumentError(f"how must be one of {ABLATIONS}, got {how!r}")
         layers, heads = self._pairs(layer, head)
@@ -150,8 +156,9 @@ class Steering:
 
     def patch(self, layer: int, head, z_source: torch.Tensor, *, positions=None, rows=None) -> None:
         """Replace z_h by a recorded head output, e.g. `rec["z"][layer][:, :, head]` of another
-        input: z_source is [batch, seq, head_dim] (one head) or [batch, seq, n_heads, head_dim].
-        `positions`, `rows`: at those query positions and batch rows only."""
+        input: z_source is [b, t, d_head] (one head) or [b, t, n, d_head] for the n heads named, in
+        their order; the calls that follow must have its [b, t]. `positions`, `rows`: at those query
+        positions and batch rows only."""
         layers, heads = self._pairs(layer, head)
         if len(layers) != 1:
             raise SiteIndexError("patch takes one layer at a time")
@@ -172,8 +179,8 @@ class Steering:
 
     def add(self, layer, vector: torch.Tensor, *, at: str = "resid_pre", scale: float = 1.0,
             positions=None, rows=None) -> None:
-        """Activation addition: x ← x + scale · vector at every position (or at `positions`, on `rows`) of
-        `at` ("resid_pre", the stream entering the layer; "resid_post", the stream leaving its
+        """Activation addition: x ← x + scale · vector (vector [d_model], added to x [b, t, d_model])
+        at every position (or at `positions`, on `rows`) of `at` ("resid_pre", the stream entering the layer; "resid_post", the stream leaving its
         block; "attn_out" / "mlp_out", what its attention / MLP writes) of each layer named. Adds
         to what is there (contrastive pairs: add(l, a), add(l, b, scale=-1)); reset() clears.
         The first vector at a kind compiles once; later ones compile nothing."""
@@ -276,17 +283,18 @@ class Steering:
         return self._scoped(self.scale, layer, head, factor, on=on, positions=positions, rows=rows)
 
     def added(self, layer, vector, *, at: str = "resid_pre", scale: float = 1.0, positions=None, rows=None):
-        """`with im.steering.added(l, v, at="resid_pre"):` — add() for the block only."""
+        """`with im.steering.added(l, v, at="resid_pre"):` — add() (v [d_model]) for the block only."""
         return self._scoped(self.add, layer, vector, at=at, scale=scale, positions=positions, rows=rows)
 
     def ablated(self, layer, head, how: str = "zero", *, reference=None, generator=None, positions=None,
                 rows=None):
-        """ablate() for the duration of a `with` block."""
+        """ablate() for the duration of a `with` block (z_h [b, t, d_head] replaced)."""
         return self._scoped(self.ablate, layer, head, how, reference=reference, generator=generator,
                             positions=positions, rows=rows)
 
     def patched(self, layer: int, head, z_source: torch.Tensor, *, positions=None, rows=None):
-        """patch() for the duration of a `with` block."""
+        """patch() for the duration of a `with` block: z_source [b, t, d_head] (one head) or
+        [b, t, n, d_head] (n heads)."""
         return self._scoped(self.patch, layer, head, z_source, positions=positions, rows=rows)
 
     @contextlib.contextmanager
@@ -313,8 +321,9 @@ class Steering:
     # ---- helpers ---------------------------------------------------------------------------
     @torch.no_grad()
     def mean_z(self, reference) -> torch.Tensor:
-        """Mean head output [L, H, d] over the reference batch's valid positions, unsteered (heads
-        and dims a layer lacks are 0)."""
+        """Mean head output [L, H, d_head] fp32 over the reference batch's valid positions (inputs
+        as the model takes them, e.g. input_ids and attention_mask [b, t]), unsteered (heads and
+        dims a layer lacks are 0)."""
         z = padded_stack(self._reference_z(reference)).float()      # [L, b, t, H, d] (widest layer)
         mask = as_call(reference)[1].get("attention_mask")
         if mask is None:
