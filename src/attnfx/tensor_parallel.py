@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .errors import UnsupportedModelError
+from .errors import ShapeMismatchError, UnsupportedModelError
 
 __all__ = ["HeadShard", "head_shard", "gather_heads", "refuse_sharded"]
 
@@ -37,6 +37,7 @@ class HeadShard:
     kv_offset: int
     kv_heads: int
     kv_total: int
+    splits: tuple[int, ...] = ()        # every process's number of query heads, in rank order
     group: object = field(default=None, compare=False, repr=False)     # the mesh dimension's ProcessGroup
 
     def __repr__(self):
@@ -64,8 +65,9 @@ def _row_sharded(module, width: int):
 
 
 def head_shard(attention: nn.Module, heads: int, kv_heads: int, head_dim: int) -> HeadShard | None:
-    """The split of a site's heads when its attention module's W_O [out, in] is a DTensor sharded
-    along its input axis; None when it is not. heads, kv_heads: the counts the local graph computes."""
+    """The split of a site's heads when its attention module's W_O [d_model, H·d_head] (out, in) is
+    a DTensor sharded along its input axis; None when it is not. heads, kv_heads: the counts the
+    local graph computes (H_local, H_kv_local)."""
     found = _row_sharded(attention, heads * head_dim)
     if found is None:
         return None
@@ -82,17 +84,27 @@ def head_shard(attention: nn.Module, heads: int, kv_heads: int, head_dim: int) -
     if (offset * kv_heads) % heads or (total * kv_heads) % heads:
         raise UnsupportedModelError(f"the process with heads {offset}… holds {kv_heads} kv heads for {heads} query "
                                     "heads, not whole groups: shard a GQA attention by whole kv groups")
+    splits = tuple((min((r + 1) * chunk, features) - min(r * chunk, features)) // head_dim for r in range(world))
     return HeadShard(rank, world, offset, heads, total, offset * kv_heads // heads, kv_heads,
-                     total * kv_heads // heads, mesh.get_group(dim))
+                     total * kv_heads // heads, splits, mesh.get_group(dim))
 
 
 def gather_heads(x: torch.Tensor, dim: int, shard: HeadShard) -> torch.Tensor:
-    """Every process's heads of a record, concatenated in head order along `dim`. A collective:
-    every process of the group calls it with the same record (they run the same calls)."""
+    """Every process's heads of a record, concatenated in head order along `dim`: x holds this
+    process's H_local query heads (or H_kv_local kv heads: k, v) there, the result all H (H_kv),
+    e.g. z [b, t, H_local, d_head] → [b, t, H, d_head] (dim 2), pattern [b, H_local, t, s] →
+    [b, H, t, s] (dim 1). A collective: every process of the group calls it with the same record
+    (they run the same calls). Each process's count is known from the split: no extra exchange."""
     import torch.distributed as dist
 
-    sizes = [None] * shard.world
-    dist.all_gather_object(sizes, int(x.shape[dim]), group=shard.group)     # uneven splits are allowed
+    local = int(x.shape[dim])
+    if local == shard.heads:
+        sizes = shard.splits
+    elif local == shard.kv_heads:
+        sizes = tuple(n * shard.kv_total // shard.total for n in shard.splits)
+    else:
+        raise ShapeMismatchError(f"a record with {local} heads along dim {dim}; this process computes "
+                                 f"{shard.heads} query heads and {shard.kv_heads} kv heads")
     x = x.contiguous()
     parts = [x.new_empty((*x.shape[:dim], size, *x.shape[dim + 1:])) for size in sizes]
     dist.all_gather(parts, x, group=shard.group)
