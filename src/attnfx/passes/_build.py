@@ -13,6 +13,16 @@ def call(graph: Graph, target, *args, **kwargs) -> Node:
     return graph.call_function(target, args, kwargs)
 
 
+def right_after(node: Node) -> Node:
+    """The node to insert before to act on `node`'s value first: its next one, or, when `node` is
+    a graph input (a block compiled alone reads the stream as one: offloaded layers, graph
+    breaks), the first node after every input, so that the state inputs are defined by then."""
+    after = node.next
+    while after.op == "placeholder":
+        after = after.next
+    return after
+
+
 def replace_operand(user: Node, old: Node, new: Node, index: int, name: str) -> None:
     """Make `user` read `new` where it read `old` at positional `index` or keyword `name`."""
     if len(user.args) > index and user.args[index] is old:

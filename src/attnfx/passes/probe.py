@@ -28,7 +28,7 @@ from ..errors import UnsupportedModelError
 from ..graph.sites import AttentionSite, _arg, example_value, value_operand
 from ..state.spec import HEAD_KINDS, Spec, gate_name
 from . import stats
-from ._build import call
+from ._build import call, right_after
 from .positions import stream_addition
 from .record import RecordKey, head_output
 
@@ -111,7 +111,7 @@ def _instrument(g, x: Node, kind: str, layer: int, spec: Spec, state, records, t
     users = list(x.users)
     dtype = example_value(x).dtype
     heads = kind in HEAD_KINDS
-    with g.inserting_before(x.next):
+    with g.inserting_before(right_after(x)):
         flat = x
         if tokens is not None:
             x = call(g, "view", flat, call(g, "size", tokens, 0), call(g, "size", tokens, 1), -1)
