@@ -43,7 +43,9 @@ __all__ = ["Relevance", "relevance", "RULES", "COMPONENTS"]
 @dataclass
 class Relevance:
     """What attnfx.relevance returns, per example: each asked component's relevance for the target
-    (None where not asked): tokens [b, t], heads_per_position [b, t, L, H] (`.heads`: [b, L, H]),
+    (None where not asked, or found in no graph: the tokens of a model whose embedding runs in a
+    graph of its own, as accelerate's offload makes it — the first layer's `residual` holds it
+    then, on a pre-norm model): tokens [b, t], heads_per_position [b, t, L, H] (`.heads`: [b, L, H]),
     attn / mlp / residual [b, t, L]; target [b] (the value the relevance distributes)."""
     tokens: torch.Tensor | None
     heads_per_position: torch.Tensor | None

@@ -7,20 +7,24 @@ from __future__ import annotations
 
 import warnings
 
+import torch
 from torch._dynamo.utils import counters
-from torch.fx import GraphModule
+from torch.fx import GraphModule, Node
 
 from .. import passes
 from ..passes._build import fill_example_values
 from ..passes import decompose
 from ..errors import LoweringWarning, UninstrumentedExecutionError
+from ..graph import lrp_plan
 from ..graph.sites import find_sites
+from ..passes import lrp
 from ..state.spec import Spec
 from .checkpoint import inline_checkpoints
 from .context import current
 from .flex_kernel import replay_compiled_flex
 from .marker import find_marker
-from .resumed import ResumedGraph, add_state_inputs
+from .resumed import ResumedGraph, activation_inputs, add_state_inputs
+from .ruled import RuledGraph
 
 MODES = ("eager", "aot_eager", "inductor")
 
@@ -65,6 +69,8 @@ class Backend:
         marker = find_marker(gm.graph)
         if marker is None or ctx is None:
             sites, _ = find_sites(gm.graph)
+            if not sites and ctx is not None:          # between or after the attention graphs: relevance
+                return RuledGraph(gm, example_inputs, self._ruled_variant)      # passes through (ruled.py)
             if not sites:
                 return self._compile(gm, example_inputs)
             if ctx is None:
@@ -84,6 +90,20 @@ class Backend:
         fakes = [node.meta.get("example_value", tensor) for node, tensor in zip(state.values(), state_tensors)]
         return self._instrument(gm, named_inputs, [*compile_inputs, *fakes], owner, owner._spec, state, keys)
 
+    def _ruled_variant(self, gm, compile_inputs, rule: str):
+        """A graph without attention compiled for `rule`: as it is for the plain gradient, else with
+        the lrp pass's rules, relevance entering at its activation inputs. (callable, leaks)."""
+        if rule == "gradient":
+            return self._compile(gm, compile_inputs), []
+        output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+        outputs = [a for a in torch.utils._pytree.tree_leaves(output.args[0]) if isinstance(a, Node)]
+        plan = lrp_plan.plan(gm.graph, lrp_plan.activation_sources(gm.graph, activation_inputs(gm)), [], rule,
+                             outputs)
+        counters["attnfx"]["lrp_rewrites"] += lrp.apply(gm, plan, rule, rule_ops=self.mode != "inductor")
+        gm.graph.lint()
+        gm.recompile()
+        return self._compile(gm, compile_inputs), list(plan.leaks)
+
     def _instrument(self, gm, named_inputs, compile_inputs, owner, spec: Spec, state: dict, keys=None) -> Runner:
         """Find the sites, rewrite them for `spec` with `state` (name → placeholder) and compile.
         named_inputs are the real tensors the placeholders are named by (parameters by identity);
@@ -100,7 +120,8 @@ class Backend:
         done = passes.rewrite(gm, layered, spec, state, owner._final_norm_input(gm), user_inputs,
                               lower=owner._lower or _relevance_on_cuda(spec, compile_inputs),
                               rule_ops=self.mode != "inductor",
-                              cross=frozenset(i.layer for i in info.sites if i.attends == "cross"))
+                              cross=frozenset(i.layer for i in info.sites if i.attends == "cross"),
+                              resumed=keys is not None)
         if done.notes:
             warnings.warn("attnfx lower=True: " + "; ".join(done.notes), LoweringWarning, stacklevel=2)
         counters["attnfx"]["graphs_compiled"] += 1

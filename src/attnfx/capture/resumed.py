@@ -66,6 +66,19 @@ def anchors(gm: GraphModule, sites, example_inputs, owner) -> tuple[Anchor, ...]
     return tuple(_anchor(site, tensors) for site in sites)
 
 
+def activation_inputs(gm: GraphModule) -> set:
+    """The float inputs of a graph after a break that carry a gradient in from the graph before
+    (the stream, under relevance): requiring grad and not a parameter or buffer of the model."""
+    found = set()
+    for node in gm.graph.find_nodes(op="placeholder"):
+        value, source = node.meta.get("example_value"), _source_name(node)
+        if (isinstance(value, torch.Tensor) and value.is_floating_point() and value.requires_grad
+                and not isinstance(value, torch.nn.Parameter) and "._parameters[" not in source
+                and "._buffers[" not in source):
+            found.add(node)
+    return found
+
+
 def _source_name(node) -> str:
     source = getattr(node, "_dynamo_source", None)
     name = getattr(source, "name", None)

@@ -176,7 +176,7 @@ def _reads_activation(node: Node, steps: int = 24) -> bool:
     return False
 
 
-def _token_node(graph: Graph, user_inputs: set[Node]) -> Node | None:
+def _token_node(graph: Graph, user_inputs: set[Node], embeds: bool) -> Node | None:
     lookups = []
     for node in graph.nodes:
         if _is_call(node, (F.embedding,)) and isinstance(node.args[0], Node):
@@ -186,14 +186,19 @@ def _token_node(graph: Graph, user_inputs: set[Node]) -> Node | None:
                 lookups.append((rows[0] if rows else 0, node))
     if lookups:
         return max(lookups, key=lambda pair: pair[0])[1]
+    if not embeds:
+        return None
     floats = [n for n in user_inputs if (v := n.meta.get("example_value")) is not None
               and isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() == 3]
     return floats[0] if len(floats) == 1 else None
 
 
-def find_blocks(graph: Graph, sites: list[AttentionSite], user_inputs: set[Node], final_input: Node | None) -> Blocks:
+def find_blocks(graph: Graph, sites: list[AttentionSite], user_inputs: set[Node], final_input: Node | None,
+                embeds: bool = True) -> Blocks:
     """Components of each site's layer (sites in graph order); None where a pattern is absent.
-    final_input: the final norm's input (unembed.find_final_norm), where the stream tree starts."""
+    final_input: the final norm's input (unembed.find_final_norm), where the stream tree starts.
+    embeds: a lone float [b, t, d] user input is the tokens (inputs_embeds) — not in a graph after
+    a break, whose float inputs are the frame's locals (the stream of the layers before)."""
     d_model = None
     attn_out = []
     for site in sites:
@@ -222,7 +227,7 @@ def find_blocks(graph: Graph, sites: list[AttentionSite], user_inputs: set[Node]
     mlp_hidden = [_mlp_hidden(node) for node in mlp_out]
     resid_mid = [_mlp_reads(hidden) for hidden in mlp_hidden]
     resid_mid = [None if mid is None or mid is pre else mid for mid, pre in zip(resid_mid, resid_pre)]
-    return Blocks(_token_node(graph, user_inputs), resid_pre, attn_out, mlp_out, stream, mlp_hidden, resid_mid)
+    return Blocks(_token_node(graph, user_inputs, embeds), resid_pre, attn_out, mlp_out, stream, mlp_hidden, resid_mid)
 
 
 def _mlp_hidden(mlp_out: Node | None) -> Node | None:

@@ -120,10 +120,14 @@ def _is_nonlinear(node: Node, activation_operands: tuple[int, ...]) -> bool:
 
 
 def activation_sources(graph: Graph, user_inputs: set[Node]) -> set[Node]:
-    """Where relevance lives: embedding lookups and float user inputs (inputs_embeds)."""
+    """Where relevance lives: embedding lookups and float user inputs (inputs_embeds). In a graph
+    after a break the inputs that carry relevance are those that require grad (the stream, from
+    the gated graph before), not the rotary cos/sin or a float mask made from positions: when any
+    float input requires grad, those are the sources."""
     lookups = {n for n in graph.nodes if _is_call(n, (F.embedding,))}
     floats = {n for n in user_inputs if (v := example_value(n)) is not None and v.is_floating_point()}
-    return lookups | floats
+    carried = {n for n in floats if example_value(n).requires_grad}
+    return lookups | (carried or floats)
 
 
 def plan(graph: Graph, sources: set[Node], sites: list[AttentionSite], rule: str,

@@ -24,10 +24,11 @@ class Rewritten:
 
 def rewrite(gm: GraphModule, sites: list[tuple[int, AttentionSite]], spec: Spec, state: dict[str, Node],
             final_norm_input: Node | None, user_inputs: set[Node], *, lower: bool = False,
-            rule_ops: bool = True, cross: frozenset = frozenset()) -> Rewritten:
-    """steer → record → probe → lower → lrp, then one lint and recompile."""
+            rule_ops: bool = True, cross: frozenset = frozenset(), resumed: bool = False) -> Rewritten:
+    """steer → record → probe → lower → lrp, then one lint and recompile. resumed: a graph after a
+    break, whose inputs are a frame's locals rather than the call's."""
     found = [site for _, site in sites]
-    blocks = find_blocks(gm.graph, found, user_inputs, final_norm_input) if spec.touches() else None
+    blocks = find_blocks(gm.graph, found, user_inputs, final_norm_input, embeds=not resumed) if spec.touches() else None
     steered = steer.apply(gm, sites, state, value_unbiased=spec.value_unbiased, positions=spec.positions,
                           cross=cross)
     out = Rewritten(record.apply(gm, sites, steered, spec, state, final_norm_input))

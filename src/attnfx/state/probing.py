@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from ..graph.calls import find_main_output, output_length
-from ..errors import InvalidArgumentError, UnsupportedModelError
+from ..errors import InvalidArgumentError
 from .spec import HEAD_KINDS, STEERING_STATE, Spec
 
 
@@ -160,16 +160,6 @@ class Probing:
         return False
 
     def _collect(self, ctx) -> None:
-        if self.spec.rule != "gradient" and ctx.graphs_run > 1:
-            # the parts of the forward between and after the graphs holding attention (a block's
-            # norm, the final norm, the embedding) run unrewritten: their ops would take the plain
-            # gradient, not the rule, and the relevance would be off (by 0.012 on heads of 0.01,
-            # offloaded Llama); the plain gradient × input is exact across breaks
-            raise UnsupportedModelError(
-                f"{type(self._im.model).__name__}: its forward runs as {ctx.graphs_run} graphs (graph breaks, or "
-                f"layers offloaded by accelerate); the {self.spec.rule} rules are applied inside the graphs holding "
-                "attention only, so relevance across the breaks would not follow the rule: use rule='gradient' "
-                "(exact across breaks), or load the model whole")
         self.touched = {kind: set(layers) for kind, layers in ctx.probed.items()}
         self.leaks = list(dict.fromkeys(ctx.leaks))
         self.captures = {}
