@@ -130,3 +130,16 @@ def test_using_a_model_after_uninstrumenting():
     again = attnfx.instrument(model)             # a detached model can be instrumented again
     with torch.no_grad():
         torch.testing.assert_close(again(input_ids=IDS).logits, model(input_ids=IDS).logits, atol=0, rtol=0)
+
+
+def test_a_recompile_limit_hit_while_capturing_is_named_not_called_no_attention():
+    """Frames dynamo refuses for its recompile limit run uncompiled: the error says so (it read
+    'no attention found' or 'skipped or disabled' before), and the model keeps its forward."""
+    model = build(FAMILIES["llama"], layers=1, heads=4, kv_heads=2)
+    snap = _snapshot(model)
+    im = attnfx.instrument(model)
+    with torch._dynamo.config.patch(recompile_limit=0), pytest.raises(E.UninstrumentedExecutionError,
+                                                                       match="recompile limit"):
+        im(IDS)
+    im.uninstrument()
+    _assert_untouched(model, snap)

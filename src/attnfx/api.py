@@ -21,6 +21,7 @@ from dataclasses import replace
 
 import torch
 from torch import nn
+from torch._dynamo.utils import counters
 
 from .graph.calls import as_call as _as_call, batch_and_length
 from .capture import dispatch
@@ -316,6 +317,11 @@ def _traced_function(key: tuple) -> types.FunctionType:
     return fn
 
 
+def _recompile_limits_hit() -> int:
+    """How many times dynamo has refused a frame for its recompile limit in this process."""
+    return sum(n for msg, n in counters["unimplemented"].items() if "recompile limit" in msg.lower())
+
+
 def _region(key: tuple, mode: str, fullgraph: bool, frames: int = 1):
     """dynamo's compile region of a traced frame, shared by the instances that share the frame.
     Isolated: the frames dynamo compiles inside it after a graph break (HF's shared decorator
@@ -580,11 +586,19 @@ class InstrumentedModel(nn.Module):
     def _discover(self, args, kwargs):
         self._set_spec(DISCOVER)
         key = (self._spec_key, _call_signature(args, kwargs))
+        limits_hit = _recompile_limits_hit()
         try:
             with calling(self) as ctx, torch.no_grad(), tolerant_logging(), typed_errors():
                 self._compiled_for(key)(*args, **kwargs)
         finally:
             self._set_spec(PLAIN)
+        if _recompile_limits_hit() > limits_hit:          # the frames past the limit ran plain: say so
+            self._forget(key)
+            raise UninstrumentedExecutionError(
+                f"dynamo hit its recompile limit while capturing {type(self.model).__name__} (torch._dynamo.config."
+                f"recompile_limit = {torch._dynamo.config.recompile_limit}), so frames past it ran uncompiled and "
+                f"their attention could not be found ({ctx.graphs_run} graph(s) compiled): raise the limit, or "
+                "call torch._dynamo.reset() if earlier compiles in this process used it up")
         if ctx.graphs_run == 0:
             self._forget(key)
             raise UninstrumentedExecutionError(
