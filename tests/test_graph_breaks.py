@@ -146,6 +146,23 @@ def test_sites_after_a_graph_break_are_steered_recorded_and_exact(where):
     assert (counters["attnfx"]["graphs_compiled"], counters["stats"]["unique_graphs"]) == (compiled, graphs)
 
 
+@pytest.mark.parametrize("rule", ["attnlrp", "cp-lrp"])
+@pytest.mark.parametrize("where", BREAKS)
+def test_relevance_rules_hold_across_a_graph_break(where, rule):
+    """The rules reach the graphs without attention a break leaves (the MLP after an in-block
+    break, the final norm after the last layer's: capture/ruled.py) and read the stream entering
+    a resumed graph as the stream, not as inputs_embeds: every component found equals the same
+    weights' relevance without a break."""
+    ids = _ids()
+    runs = [attnfx.relevance(attnfx.instrument(_build(w), backend="eager"), ids, 5, foil=9, rule=rule)
+            for w in (where, None)]
+    broken, whole = runs
+    assert broken.heads_per_position is not None and broken.attn is not None and whole.heads.abs().amax() > 0
+    for name in ("tokens", "heads_per_position", "attn", "mlp", "residual"):
+        if getattr(broken, name) is not None:   # None: its pattern is in no graph (a stream split from its site)
+            assert_close(getattr(broken, name), getattr(whole, name))
+
+
 def test_new_lengths_after_a_graph_break_stay_exact():
     model = _build("between_layers")
     im = attnfx.instrument(model, backend="eager", example_inputs=_ids())
