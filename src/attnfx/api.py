@@ -592,15 +592,15 @@ class InstrumentedModel(nn.Module):
                 self._compiled_for(key)(*args, **kwargs)
         finally:
             self._set_spec(PLAIN)
-        if _recompile_limits_hit() > limits_hit:          # the frames past the limit ran plain: say so
+        limited = _recompile_limits_hit() > limits_hit       # a frame past the limit ran plain: say so if it fails
+        if ctx.graphs_run == 0 or (limited and not ctx.sites_run):
             self._forget(key)
-            raise UninstrumentedExecutionError(
-                f"dynamo hit its recompile limit while capturing {type(self.model).__name__} (torch._dynamo.config."
-                f"recompile_limit = {torch._dynamo.config.recompile_limit}), so frames past it ran uncompiled and "
-                f"their attention could not be found ({ctx.graphs_run} graph(s) compiled): raise the limit, or "
-                "call torch._dynamo.reset() if earlier compiles in this process used it up")
-        if ctx.graphs_run == 0:
-            self._forget(key)
+            if limited:
+                raise UninstrumentedExecutionError(
+                    f"dynamo hit its recompile limit while capturing {type(self.model).__name__} (torch._dynamo."
+                    f"config.recompile_limit = {torch._dynamo.config.recompile_limit}), so frames past it ran "
+                    f"uncompiled and no attention could be found in the {ctx.graphs_run} graph(s) compiled: raise "
+                    "the limit, or call torch._dynamo.reset() if earlier compiles in this process used it up")
             raise UninstrumentedExecutionError(
                 f"dynamo did not compile {type(self.model).__name__}.forward (skipped or disabled), "
                 "so attnfx cannot instrument it")
