@@ -136,7 +136,10 @@ def test_relevance_and_patching_across_offload_breaks_equal_the_whole_models(cas
     for name in ("heads_per_position", "attn", "mlp", "residual"):
         assert_close(getattr(relevance, name), getattr(expected_relevance, name))
     assert relevance.heads.abs().amax() > 0
-    assert relevance.tokens is None or torch.equal(relevance.tokens, expected_relevance.tokens)
+    # the embedding runs in a graph of its own (offloaded, or the hook's frame): no tokens gate there
+    assert relevance.tokens is None and expected_relevance.tokens is not None
+    if "model.embed_tokens" in case.device_map:     # Llama: the first layer's stream is the tokens alone
+        assert_close(relevance.residual[..., 0], expected_relevance.tokens)
     assert_close(patching.scores, expected_patching.scores)
 
 
