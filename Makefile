@@ -49,12 +49,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
-$(MIN_STAMP): pyproject.toml setup.py $(CSRC) $(wildcard src/attnfx/*.py src/attnfx/*/*.py kernels/*.py)
+$(MIN_STAMP): pyproject.toml setup.py $(CSRC) $(wildcard src/attnfx/*.py src/attnfx/*/*.py)
 	test -x $(MIN_PY) || $(PYTHON) -m venv $(MIN_VENV)
 	$(MIN_PY) -m pip install -q --upgrade pip "setuptools>=68" wheel
 	$(MIN_PY) -m pip install -q $(MIN_PINS)
 	rm -rf $(MIN_VENV)/src && mkdir -p $(MIN_VENV)/src
-	tar --exclude='*.so' --exclude=__pycache__ -cf - pyproject.toml setup.py README.md src csrc kernels \
+	tar --exclude='*.so' --exclude=__pycache__ -cf - pyproject.toml setup.py README.md src csrc \
 	  | tar -xf - -C $(MIN_VENV)/src
 	cd $(MIN_VENV)/src && $(if $(CUDA_HOME),CUDA_HOME=$(CUDA_HOME)) TORCH_CUDA_ARCH_LIST="8.0;9.0" MAX_JOBS=2 ../bin/python -m pip install -q \
 	  --no-build-isolation ".[test]" $(MIN_PINS)

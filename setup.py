@@ -37,8 +37,7 @@ def _extension():
 
 
 if __name__ == "__main__":          # setuptools runs this file as __main__; the build check imports it
-    # kernels/ sits at the top of the repository (docs/design.md §5) and installs as attnfx.kernels.
-    setup(packages=find_packages("src") + ["attnfx.kernels"],
-          package_dir={"": "src", "attnfx.kernels": "kernels"},
+    setup(packages=find_packages("src"),
+          package_dir={"": "src"},
           ext_modules=[_extension()],
           cmdclass={"build_ext": cpp_extension.BuildExtension})

@@ -1,4 +1,4 @@
-"""The Triton attention forward (kernels/attention.py) against the plain-torch reference
+"""The Triton attention forward (src/attnfx/kernels/attention.py) against the plain-torch reference
 (attnfx.ops.reference.attention): every output, over shapes, masks, GQA ratios, head dims and
 dtypes. Without CUDA the kernel runs in Triton's interpreter (fp32/fp16; short sequences)."""
 import pytest

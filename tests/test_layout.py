@@ -24,6 +24,25 @@ def test_the_cycle_finder_finds_a_cycle():
     assert import_graph.cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
+def root_imports(root: Path) -> list[str]:
+    """What `import X` finds at the repository's root (a regular package or a module), setup.py
+    aside: Python puts the working directory first on sys.path."""
+    return sorted(p.name for p in root.iterdir()
+                  if (p.is_dir() and (p / "__init__.py").is_file())
+                  or (p.suffix == ".py" and p.name != "setup.py"))
+
+
+def test_the_checkout_root_shadows_no_installed_package(tmp_path):
+    """Packages live under src/ only: a top-level kernels/ was imported as HF's `kernels` (a
+    transformers ≥ 5.25 dependency) by any Python started in the checkout, and broke
+    `transformers.LlamaConfig` there (CI, stop 27). The finder itself finds such a package."""
+    assert root_imports(ROOT) == []
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "__init__.py").write_text("")
+    (tmp_path / "setup.py").write_text("")
+    assert root_imports(tmp_path) == ["kernels"]
+
+
 def test_no_import_cycles():
     edges = import_graph.graph()
     assert "attnfx.api" in edges and edges["attnfx.api"], "the graph was read"

@@ -46,8 +46,7 @@ else:
 PY
 
 stage "1 attnfx importable; attnfx._C built in the background"
-if ! "$PY" -c "import attnfx" 2>/dev/null; then      # a bare checkout: src/ on the path, kernels/ as attnfx.kernels
-    ln -sfn ../../kernels src/attnfx/kernels
+if ! "$PY" -c "import attnfx" 2>/dev/null; then      # a bare checkout: src/ on the path
     echo "$PWD/src" > "$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/attnfx_gpucheck.pth"
 fi
 BUILD_PID=

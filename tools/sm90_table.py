@@ -6,7 +6,7 @@ matrix instruction (wgmma, mma.sync, or neither: FMA).
     python tools/sm90_table.py --write    # the table into docs/guides/ops.md, between its markers
     python tools/sm90_table.py --json     # rows for tests/test_sm90_compile.py
 
-Each variant runs the real launcher (kernels/attention.py) on small CPU tensors with the launch
+Each variant runs the real launcher (src/attnfx/kernels/attention.py) on small CPU tensors with the launch
 recorded instead of run, so the block sizes, warps, stages and argument specialisations are the
 ones a CUDA call would use; the recorded call is then bound and compiled as Triton's JIT would,
 for the target GPUTarget("cuda", 90, 32). Registers and spills come from ptxas's own -v log

@@ -4,7 +4,7 @@ register_autograd), dispatched to the Triton kernel or to the plain-torch refere
     o, lse, readout, mass = torch.ops.attnfx.attention(q, k, v, key_mask, head_scale, directions,
                                                        spans, causal, sm_scale, lrp)
 
-Shapes as in `kernels/attention.py`; readout [b, T, H, K] and mass [b, T, H, n] are empty (K or
+Shapes as in `src/attnfx/kernels/attention.py`; readout [b, T, H, K] and mass [b, T, H, n] are empty (K or
 n = 0) when `directions` / `spans` are None. Gradients flow to q, k, v (and `directions`);
 lse and mass are statistics without a gradient, head_scale is a steering factor without one.
 `lrp=True` applies AttnLRP's attention rule in the backward (grad q, k × ¼, grad v × ½).

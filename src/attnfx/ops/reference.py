@@ -1,6 +1,6 @@
 """Plain-torch references of the kernels (docs/design.md §4): materialise everything, no tricks.
 
-`attention(q, k, v, ...)` is the oracle of `kernels/attention.py`: same arguments, same
+`attention(q, k, v, ...)` is the oracle of `src/attnfx/kernels/attention.py`: same arguments, same
 outputs, computed from the full [b, H, T, S] probability matrix in fp32.
 """
 from __future__ import annotations
