@@ -25,6 +25,7 @@ from torch._dynamo.utils import counters
 
 from .graph.calls import as_call as _as_call, batch_and_length
 from .capture import dispatch
+from .capture.checkpoint import side_effects_not_replayed
 from .capture.backend import BACKENDS, MODES
 from .capture.context import calling
 from .capture.logging_calls import tolerant_logging
@@ -548,7 +549,7 @@ class InstrumentedModel(nn.Module):
         key = (self._spec_key, _call_signature(args, kwargs))
         if key not in self._compiled:          # marks only matter when dynamo compiles (~2 µs a tensor)
             _mark_batch_and_sequence_dynamic(args, kwargs)
-        with calling(self) as ctx, tolerant_logging(), typed_errors():
+        with calling(self) as ctx, tolerant_logging(), side_effects_not_replayed(), typed_errors():
             out = self._compiled_for(key)(*args, **kwargs)
         try:
             self._verify(ctx, kwargs)
@@ -588,7 +589,8 @@ class InstrumentedModel(nn.Module):
         key = (self._spec_key, _call_signature(args, kwargs))
         limits_hit = _recompile_limits_hit()
         try:
-            with calling(self) as ctx, torch.no_grad(), tolerant_logging(), typed_errors():
+            with calling(self) as ctx, torch.no_grad(), tolerant_logging(), side_effects_not_replayed(), \
+                    typed_errors():
                 self._compiled_for(key)(*args, **kwargs)
         finally:
             self._set_spec(PLAIN)

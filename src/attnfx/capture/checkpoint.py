@@ -10,6 +10,7 @@ values and gradients, with the region's activations saved.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import operator
 
@@ -17,6 +18,17 @@ import torch
 from torch.fx import GraphModule, Node
 
 _REGION_IDS = itertools.count(1 << 20)          # apart from the ids torch numbers its own regions with
+
+
+def side_effects_not_replayed():
+    """Context in which dynamo traces a checkpointed layer whose forward mutates state outside it
+    (transformers ≥ 5.25 sets its output collector there) instead of breaking the graph at the
+    checkpoint — a break that would run the layer, attention included, without attnfx's graph.
+    The backward's recompute then does not replay that mutation (eager checkpointing does)."""
+    config = torch._dynamo.config
+    if not hasattr(config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        return contextlib.nullcontext()
+    return config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True)
 
 
 def _is_checkpoint(node: Node) -> bool:
