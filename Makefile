@@ -90,7 +90,7 @@ docs: $(STAMP)
 	  | xargs -d '\n' $(PY) -m pip install -q
 	$(PY) -m mkdocs build --strict
 
-support-table: $(STAMP)   # README's per-family table, rendered from tests/zoo.py
+support-table: $(STAMP)   # the per-family table of README and docs/guides/models.md, from tests/zoo.py
 	$(PY) tests/support_table.py --write
 
 check-cuda: $(STAMP)

@@ -1,8 +1,9 @@
-"""README's per-family support table, rendered from tests/zoo.py (families, implementations,
+"""The per-family support table of README and the models guide, rendered from tests/zoo.py (families, implementations,
 n/a capabilities and known gaps) — the data tests/test_zoo.py checks as a strict-xfail matrix.
 
     .venv/bin/python tests/support_table.py           print the table
-    .venv/bin/python tests/support_table.py --write   replace it in README.md (make support-table)
+    .venv/bin/python tests/support_table.py --write   replace it in README.md and docs/guides/models.md
+                                                      (make support-table)
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 from marked_blocks import between, replace_between  # noqa: E402  (tools/ holds the README generators' helper)
 
 README = Path(__file__).resolve().parent.parent / "README.md"
+PAGES = (README, README.parent / "docs" / "guides" / "models.md")     # each holds the table between markers
 START, END = "<!-- support-table:start -->", "<!-- support-table:end -->"
 WRITE = ".venv/bin/python tests/support_table.py --write"
 
@@ -91,7 +93,8 @@ def in_readme(text: str) -> str:
 
 
 def write() -> None:
-    replace_between(README, START, END, render())
+    for page in PAGES:
+        replace_between(page, START, END, render())
 
 
 if __name__ == "__main__":
