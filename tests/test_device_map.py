@@ -114,11 +114,20 @@ def test_blocks_specialised_by_the_kv_cache_each_have_a_compile_budget(tmp_path)
         assert_close(im(ids).logits, bare)
 
 
-def test_attribution_across_offload_breaks_raises_typed(case):
-    """Offloaded blocks load their weights outside the graph: the forward is split at each one,
-    so the stream from the heads to the logits is not in one graph (zoo.GAPS' dbrx/dla)."""
-    with pytest.raises(UnsupportedModelError, match="graph breaks split"):
-        attnfx.head_attribution(case.im, {"input_ids": case.ids, **CALL}, 5)
+def test_direct_logit_attribution_across_offload_breaks_equals_the_whole_models(case):
+    """Offloaded blocks load their weights outside the graph, so the forward is split at each one
+    and DLA follows the stream across the graphs by a gradient along it (analysis/direct_path.py):
+    heads, b_O, MLPs, embeddings and the logit equal the single-graph walk of the model loaded
+    whole, at each row's own position; the biases on the path come back summed in norm_bias."""
+    call = {"input_ids": case.ids, **CALL}
+    got, want = (attnfx.logit_attribution(im, call, 5, foil=9, position=[3, -1]) for im in (case.im, case.reference))
+    for name in ("heads", "attn_bias", "mlp", "embed", "total"):
+        assert_close(getattr(got, name), getattr(want, name))
+    assert_close(got.norm_bias, want.norm_bias + want.logit_bias + want.const)
+    assert not got.logit_bias.any() and not got.const.any() and torch.equal(got.direct, want.direct)
+    assert got.heads.abs().amin() > 0 and got.mlp.abs().amin() > 0
+    assert_close(attnfx.head_attribution(case.im, call, 5, reduce="none"),
+                 attnfx.head_attribution(case.reference, call, 5, reduce="none"))
 
 
 @pytest.mark.parametrize("rule", ["attnlrp", "gradient"])
@@ -133,6 +142,7 @@ def test_relevance_and_patching_across_offload_breaks_equal_the_whole_models(cas
     runs = [(attnfx.relevance(im, call, 5, foil=9, rule=rule), estimate(im, call, corrupt, metric))
             for im in (case.im, case.reference)]
     (relevance, patching), (expected_relevance, expected_patching) = runs
+    assert relevance.leaks == [] == expected_relevance.leaks      # every op on the path has its rule
     for name in ("heads_per_position", "attn", "mlp", "residual"):
         assert_close(getattr(relevance, name), getattr(expected_relevance, name))
     assert relevance.heads.abs().amax() > 0

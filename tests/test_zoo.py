@@ -20,6 +20,7 @@ implementation) is built and instrumented once per session; known gaps are zoo.G
 strict xfails. README's support table is rendered from the same data (tests/support_table.py)."""
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -30,6 +31,9 @@ from transformers.pytorch_utils import Conv1D
 
 import attnfx
 import support_table
+from attnfx.analysis.direct_path import attribution_across_graphs
+from attnfx.errors import UnsupportedModelError
+from attnfx.graph.calls import as_call, last_positions
 from attnfx.state.indices import padded_stack
 import zoo
 from _tol import assert_close
@@ -328,6 +332,36 @@ def _param(family, implementation, capability):
 @pytest.mark.parametrize("family, implementation, capability", [_param(*case) for case in zoo.cases()])
 def test_zoo(family, implementation, capability):
     CHECKS[capability](built(family, implementation))
+
+
+# Decoders whose path from the heads to the logits is not linear once its norms are frozen, beyond
+# what one graph's walk can hold apart (MoE experts, whose hidden activations are not found; a
+# soft-cap; a GELU as an autograd.Function; Mamba's convolution), and an op the refusal names.
+NOT_LINEAR_BY_GRADIENT = {"bloom": "gelu_impl", "gemma2": "tanh", "jamba": "conv1d", "mixtral": "mlp.experts",
+                          "qwen2_moe": "mlp.shared_expert", "qwen3_moe": "mlp.experts", "qwen3_next": "mlp.shared_expert",
+                          "deepseek_v3": "mlp.experts", "gpt_oss": "mlp.experts", "dbrx": "activation_fn"}
+DECODERS = [family for family in zoo.FAMILIES if zoo.not_applicable(family, "dla") is None]
+
+
+@pytest.mark.parametrize("family", DECODERS, ids=lambda family: family.name)
+def test_dla_by_the_direct_path_gradient_equals_the_walk_of_one_graph(family):
+    """The gradient DLA takes where the stream crosses graphs (analysis/direct_path.py: branches'
+    reads held constant, norms' σ frozen) forced on a model in one graph: every component equals
+    the single-graph walk (fp32 round-off; biases summed), or the path is refused, naming the op."""
+    b = built(family, zoo.primary(family))
+    positions = last_positions(*as_call(b.kw), b.model.forward)
+    targets, foils = TARGETS, FOILS
+    if family.name in NOT_LINEAR_BY_GRADIENT:
+        with pytest.raises(UnsupportedModelError, match=f"not linear once its norms are frozen.*"
+                                                        f"{re.escape(NOT_LINEAR_BY_GRADIENT[family.name])}"):
+            attribution_across_graphs(b.im, b.kw, targets, foils, positions)
+        return
+    got = attribution_across_graphs(b.im, b.kw, targets, foils, positions)
+    walk = attnfx.logit_attribution(b.im, b.kw, TARGETS, foil=FOILS)
+    for name in ("heads", "attn_bias", "mlp", "embed", "total"):
+        assert_close(got[name], getattr(walk, name))
+    assert_close(got["norm_bias"], walk.norm_bias + walk.logit_bias + walk.const)
+    assert torch.equal(got["direct"], walk.direct)
 
 
 @pytest.mark.parametrize("page", support_table.PAGES, ids=lambda page: page.name)

@@ -141,8 +141,9 @@ ANALYSED = (
 # matrix until its entry is removed. family is a name (every implementation) or "name/impl".
 GAPS: dict[tuple[str, str], str] = {
     ("dbrx", "dla"): "DBRX's experts loop over a data-dependent tensor (`for expert_idx in expert_hit`), a graph break "
-                     "in every layer: the final norm and unembedding run in a graph after the last break, and the "
-                     "residual stream is not traced across breaks (a typed error says so)",
+                     "in every layer: DLA follows the stream across the graphs by a gradient, and the experts run in "
+                     "graphs of their own where no hidden activation is found to hold constant, so the path is not "
+                     "linear once frozen (a typed error names their ops)",
 }
 
 

@@ -15,6 +15,8 @@ the components under it), the logit (difference) at position p is linear in each
 and the components — heads, attention-output biases, MLP outputs, embeddings, norm biases, logit
 biases — add up to the logit: pre-cap, cap·atanh(logit/cap), when the logits are soft-capped.
 Sites off the path (an encoder's) have no direct effect: 0, and `direct` says which are on it.
+Where the stream crosses graphs (accelerate's offload, graph breaks) a gradient along it gives the
+same numbers, the biases on the path summed into `norm_bias` (analysis/direct_path.py).
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from ..errors import InvalidArgumentError, UnsupportedModelError
 from ..state.probing import Probing
 from ..state.spec import Spec
 from ..tensor_parallel import refuse_sharded
+from .direct_path import attribution_across_graphs
 
 __all__ = ["LogitAttribution", "head_attribution", "logit_attribution"]
 
@@ -40,7 +43,9 @@ class LogitAttribution:
     heads.sum((1, 2)) + attn_bias.sum(1) + mlp.sum(1) + embed + norm_bias + logit_bias + const = total.
 
     heads [b, L, H] (0 off the direct path), attn_bias [b, L], mlp [b, L], embed / norm_bias /
-    logit_bias / const / total [b]; direct [L] bool (the site is on the logits' direct path)."""
+    logit_bias / const / total [b]; direct [L] bool (the site is on the logits' direct path).
+    Where the stream crosses graphs (offloaded blocks, graph breaks) norm_bias holds every bias and
+    constant on the path, logit_bias and const 0: no gradient tells them apart."""
     heads: torch.Tensor           # [b, L, H] direct effect of each head (0 off the direct path)
     attn_bias: torch.Tensor       # [b, L] the output projection's bias b_O
     mlp: torch.Tensor             # [b, L] the branch the stream adds after site l's attention (its MLP)
@@ -88,6 +93,8 @@ def logit_attribution(im, inputs, target, foil=None, position=None) -> LogitAttr
     vocab = vocab_size(im)
     targets = token_ids(target, batch, "target", vocab)
     foils = token_ids(foil, batch, "foil", vocab) if foil is not None else None
+    if info is None:                                # the stream crosses graphs: a gradient follows it
+        return LogitAttribution(**attribution_across_graphs(im, inputs, targets, foils, positions))
     kinds = {"attn": ("heads", "attn"), "mlp": ("mlp",), "embed": ("resid",)}
     wanted = tuple(dict.fromkeys(k for leaf in leaves(info.stream) for k in kinds.get(leaf[0], ())))
     layers = tuple(sorted({im._layer_of[leaf[1]] for leaf in leaves(info.stream) if leaf[0] in kinds}))
@@ -127,29 +134,27 @@ def _check_reproduces(result, logits, run, targets, foils) -> None:
 
 
 def _checked_path(im):
+    """The final norm's info when the stream from the heads to the logits lies in one graph; None
+    when it crosses graphs (graph breaks, offloaded blocks: direct_path.py follows it then)."""
     info = im.final_norm
     name = type(im.model).__name__
     refuse_sharded(im, "direct logit attribution")     # W_O and W_U are DTensors the graph cannot name
-    if info is None and im._graphs_per_call > 1:
-        raise UnsupportedModelError(
-            f"{name}: no unembedding was found in the {im._graphs_per_call} graphs holding attention: graph breaks "
-            "split this model's forward, and the final norm and unembedding run in a graph after the last break, "
-            "so the residual stream from the heads to the logits cannot be traced across it")
+    if info is None and im._graphs_per_call > 1 or info is not None and info.stream is None:
+        return None         # the unembedding runs after the last graph holding attention
     if info is None:
         raise UnsupportedModelError(
             f"{name}: no unembedding was found (an output that is a linear map of the residual stream, through "
             "a final LayerNorm/RMSNorm or none, then constant scales, bias vectors and an optional soft-cap), "
             "so logits cannot be attributed to heads directly")
-    if info.stream is None:
-        raise UnsupportedModelError(f"{name}: the final norm's graph holds no attention site (a graph break "
-                                    "between the layers and the unembedding); the residual stream cannot be traced")
+    if any(leaf[0] == "input" for leaf in leaves(info.stream)):
+        return None         # a graph break cut the stream before the final norm
     no_w_o = [s.layer for s in im.sites if s.o_proj is None]
     if no_w_o:                  # checked first: the stream cannot be traced through an unknown attention output
         raise UnsupportedModelError(f"{name}: no output projection W_O was found for layer(s) {no_w_o} (the "
                                     "per-head output is not z_h W_O,hᵀ), so heads cannot be attributed")
-    bad = [leaf for leaf in leaves(info.stream) if leaf[0] in ("stop", "input")]
+    bad = [leaf for leaf in leaves(info.stream) if leaf[0] == "stop"]
     if bad:
-        what = "; ".join(("a graph input " if kind == "input" else "") + desc for kind, desc in bad)
+        what = "; ".join(desc for _, desc in bad)
         raise UnsupportedModelError(f"{name}: the path from the residual stream to the unembedding is not linear once "
                                     f"its norms are frozen: it passes through {what}")
     mlps = [leaf[1] for leaf in leaves(info.stream) if leaf[0] == "mlp"]

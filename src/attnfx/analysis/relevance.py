@@ -28,12 +28,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..graph.calls import (INTEGER_FORMS, as_call, batch_and_length, check_vocab, is_integer_like, main_output,
-                     output_last_positions, output_length, per_example, positions as _positions, vocab_size)
+from ..graph.calls import (INTEGER_FORMS, as_call, batch_and_length, check_vocab, find_main_output, is_integer_like,
+                           main_output, output_last_positions, output_length, per_example, positions as _positions,
+                           vocab_size)
 from ..errors import AttnfxError, InvalidArgumentError, RelevanceLeakError, RelevanceLeakWarning, ShapeMismatchError
 from ..state.indices import padded_stack
 from ..state.probing import Lengths, Probing, relevance_dtype, remeasured, sequence_lengths, state_shape
-from ..state.spec import RULES, Spec, gate_name
+from ..state.spec import DIRECT, RULES, Spec, gate_name
 from ..tensor_parallel import refuse_sharded
 from . import metrics
 
@@ -112,6 +113,19 @@ def relevance(im, inputs, target, *, rule: str = "attnlrp", foil=None, position=
     others come back None): each gated component keeps its activation for the backward."""
     if rule not in RULES:
         raise InvalidArgumentError(f"rule must be one of {RULES}, got {rule!r}")
+    result = gated_gradients(im, inputs, target, rule, foil, position, components)
+    if result.leaks:
+        message = (f"relevance leaks through ops with no {rule} rule (plain gradient used): "
+                   + "; ".join(result.leaks))
+        if check:
+            raise RelevanceLeakError(message)
+        warnings.warn(message, RelevanceLeakWarning, stacklevel=2)
+    return result
+
+
+def gated_gradients(im, inputs, target, rule: str, foil, position, components) -> Relevance:
+    """relevance() under any rule the lrp pass knows (RULES, and DIRECT for analysis/direct_path.py),
+    the ops it had no rule for in `.leaks`, for the caller to judge."""
     unknown = [c for c in components if c not in COMPONENTS]
     if unknown or not components:
         raise InvalidArgumentError(f"components must be among {tuple(COMPONENTS)}, got {tuple(components)}")
@@ -126,18 +140,26 @@ def relevance(im, inputs, target, *, rule: str = "attnlrp", foil=None, position=
     if value.dim() != 1 or value.shape[0] != batch:
         raise ShapeMismatchError(f"the target must be one scalar per example, shape [{batch}], got {list(value.shape)}")
     grads = dict(zip(kinds, torch.autograd.grad(value.sum(), list(gates.values()), allow_unused=True)))
-    if probing.leaks:
-        message = (f"relevance leaks through ops with no {rule} rule (plain gradient used): "
-                   + "; ".join(probing.leaks))
-        if check:
-            raise RelevanceLeakError(message)
-        warnings.warn(message, RelevanceLeakWarning, stacklevel=2)
 
     def component(kind):
         return _component(grads, gates, probing.touched.get(kind, set()), lengths.of(kind), kind)
     return Relevance(tokens=component("tokens"), heads_per_position=component("heads"), attn=component("attn"),
                      mlp=component("mlp"), residual=component("resid"), target=value.detach(), rule=rule,
-                     leaks=probing.leaks)
+                     leaks=probing.leaks + _unembedding_uncompiled(im, rule, probing, outputs))
+
+
+def _unembedding_uncompiled(im, rule: str, probing: Probing, outputs) -> list[str]:
+    """Where a call runs in several graphs, logits that no compiled graph's unembedding made (a
+    graph break inside the layer loop makes dynamo give that frame up and run it plain, the final
+    norm with it) took the plain gradient through the final norm: a leak of every rule."""
+    if rule == "gradient" or (rule != DIRECT and probing.graphs_run <= 1):
+        return []
+    main = find_main_output(outputs)
+    streams = {site.d_model for site in im.sites}
+    if main is None or main.dim() < 2 or main.shape[-1] in streams or main.shape[-1] in probing.unembeddings:
+        return []
+    return ["the final norm and unembedding, which ran in no compiled graph (dynamo gave up the frame that "
+            "runs them, as it does a layer loop with a graph break inside)"]
 
 
 def _run_at_own_lengths(im, args, kwargs, kinds, rule: str, batch: int, lengths: Lengths):

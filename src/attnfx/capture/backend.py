@@ -17,6 +17,7 @@ from ..passes import decompose
 from ..errors import LoweringWarning, UninstrumentedExecutionError
 from ..graph import lrp_plan
 from ..graph.sites import find_sites
+from ..graph.unembed import unembedding_width
 from ..passes import lrp
 from ..state.spec import Spec
 from .checkpoint import inline_checkpoints
@@ -33,9 +34,9 @@ class Runner:
     """Runs one compiled graph, peels the records off its outputs and reports them, with the
     sites it executed, to the current call context."""
 
-    def __init__(self, fn, info, num_outputs, record_keys, probed=None, leaks=()):
+    def __init__(self, fn, info, num_outputs, record_keys, probed=None, leaks=(), unembedding=None):
         self.fn, self.info, self.num_outputs, self.record_keys = fn, info, num_outputs, record_keys
-        self.probed, self.leaks = probed or {}, list(leaks)
+        self.probed, self.leaks, self.unembedding = probed or {}, list(leaks), unembedding
 
     def __call__(self, *args):
         outs = self.fn(*args)
@@ -51,6 +52,8 @@ class Runner:
             for kind, layers in self.probed.items():
                 ctx.probed.setdefault(kind, []).extend(layers)
             ctx.leaks.extend(self.leaks)
+            if self.unembedding is not None:
+                ctx.unembeddings.append(self.unembedding)
         return outs[: self.num_outputs] if self.record_keys else outs
 
 
@@ -111,6 +114,7 @@ class Backend:
         relative to its frame)."""
         found, notes = find_sites(gm.graph)
         info = owner._describe_graph(gm, named_inputs, found, notes, keys)
+        width = unembedding_width(gm.graph)
         num_outputs = len(next(n for n in reversed(gm.graph.nodes) if n.op == "output").args[0])
         if spec.discover:
             gm.recompile()
@@ -130,7 +134,7 @@ class Backend:
         counters["attnfx"]["components_probed"] += sum(len(layers) for layers in done.probed.values())
         counters["attnfx"]["lrp_rewrites"] += done.lrp_rewrites
         return Runner(self._compile(gm, compile_inputs), info, num_outputs, done.record_keys, done.probed,
-                      done.leaks)
+                      done.leaks, width)
 
     def _compile(self, gm, example_inputs):
         if self.mode == "eager":

@@ -20,6 +20,7 @@ class CallContext:
     records: list = field(default_factory=list)       # (RecordKey, tensor) pairs
     notes: list = field(default_factory=list)         # near-misses of the site patterns
     final_norm: Any = None                            # FinalNormInfo of the graph that has it
+    unembeddings: list = field(default_factory=list)  # widths of the unembeddings compiled graphs ran
     graphs_run: int = 0
     probed: dict = field(default_factory=dict)        # probe kind → layers gated
     leaks: list = field(default_factory=list)         # ops the lrp pass had no rule for

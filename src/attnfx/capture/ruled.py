@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from torch.fx import GraphModule
 
+from ..graph.unembed import unembedding_width
 from .context import current
 from .resumed import copy_graph_module
 
@@ -26,6 +27,7 @@ class RuledGraph:
         self._template, self._build = copy_graph_module(gm), build
         self._fakes = [node.meta.get("example_value") for node in gm.graph.find_nodes(op="placeholder")]
         self._variants = {"gradient": build(gm, list(example_inputs), "gradient")}
+        self._unembedding = unembedding_width(gm.graph)
 
     def __call__(self, *args):
         ctx = current()
@@ -36,4 +38,6 @@ class RuledGraph:
         fn, leaks = variant
         if ctx is not None:
             ctx.leaks.extend(leaks)
+            if self._unembedding is not None:
+                ctx.unembeddings.append(self._unembedding)
         return fn(*args)

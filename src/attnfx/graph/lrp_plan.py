@@ -17,6 +17,12 @@ nodes on a path to an output (live), each is:
 * linear in its activation inputs (linear, add, views, casts, mean, softmax...) → the plain
   gradient (ε-rule; the DTD softmax rule falls out of the gradient)
 * anything else                                 → a leak: reported, not guessed
+
+Under the "direct" rule (no relevance rule: direct logit attribution by a gradient) every
+branch's reads are cut — each site's q, k, v (and gate), each MLP's hidden activation: their
+uses read them detached — and norms hold σ: the gradient runs along the residual stream alone.
+Any product, nonlinearity or attention still live on that path is a leak: it is not linear once
+frozen.
 """
 from __future__ import annotations
 
@@ -67,6 +73,7 @@ class Plan:
     products: list[tuple[Node, tuple[int, ...]]] = field(default_factory=list)  # uniform rule operands
     activations: list[tuple[Node, str]] = field(default_factory=list)  # single named activations
     regions: list[tuple[Node, Node]] = field(default_factory=list)     # (root x, output y): identity rule
+    cuts: list[Node] = field(default_factory=list)     # "direct": nodes every use reads detached
     leaks: list[str] = field(default_factory=list)
     live: set = field(default_factory=set)
 
@@ -84,8 +91,15 @@ def _node_args(node: Node) -> list[tuple[int, Node]]:
 
 
 def _is_float(node: Node) -> bool:
-    val = example_value(node)
-    return val is None or val.is_floating_point()
+    """A float tensor (or a tuple holding one: split, chunk), or a node of unknown value; not a
+    size, a shape or a symbolic int (an offloaded block's graph reads x.size() of the stream)."""
+    if _is_call(node, (), ("size", "dim", "numel")):
+        return False
+    val = node.meta.get("example_value", node.meta.get("val"))
+    if val is None:
+        return True
+    values = val if isinstance(val, (tuple, list)) else (val,)
+    return any(isinstance(v, torch.Tensor) and v.is_floating_point() for v in values)
 
 
 def _named_kind(node: Node) -> str | None:
@@ -131,12 +145,23 @@ def activation_sources(graph: Graph, user_inputs: set[Node]) -> set[Node]:
 
 
 def plan(graph: Graph, sources: set[Node], sites: list[AttentionSite], rule: str,
-         outputs: list[Node] | None = None) -> Plan:
-    """The rules for `graph` under `rule` ("attnlrp" or "cp-lrp"); sources are the activation
-    inputs; outputs the graph outputs relevance starts from (default: all; records are not)."""
+         outputs: list[Node] | None = None, branch_reads: list[Node] = ()) -> Plan:
+    """The rules for `graph` under `rule` ("attnlrp", "cp-lrp" or "direct"); sources are the
+    activation inputs; outputs the graph outputs relevance starts from (default: all; records are
+    not); branch_reads: under "direct", the nodes besides the sites' q, k, v and gates where a
+    branch reads the stream (the MLPs' hidden activations)."""
     result = Plan()
     norms = find_norms(graph)
     stops = {n.scale for n in norms if n.scale is not None}          # hand-written 1/σ: detached
+    outputs_of_sites = set()
+    if rule == "direct":
+        reads = [n for site in sites for n in (site.q, site.k, site.v, site.gate)] + list(branch_reads)
+        result.cuts = list(dict.fromkeys(n for n in reads if isinstance(n, Node)))
+        stops |= set(result.cuts)
+        # what a branch writes starts a path of its own: z (read at the heads' gate), the MLP's
+        # hidden activation — so norms after them (Gemma-3's, OLMo-2's post-norms) hold σ too
+        outputs_of_sites = {site.attn for site in sites}
+        sources = set(sources) | outputs_of_sites | set(branch_reads)
     if rule == "cp-lrp":
         for site in sites:
             if site.pattern != "sdpa_call":
@@ -158,7 +183,7 @@ def plan(graph: Graph, sources: set[Node], sites: list[AttentionSite], rule: str
             result.detach.append((node, 1))                 # x / (a normaliser of activations): held constant
             operands = [(i, a) for i, a in operands if i != 1]
         operand_index[node] = tuple(i for i, _ in operands)
-        if node in fused_norm_nodes:
+        if node in fused_norm_nodes or node in outputs_of_sites:
             continue
         if _is_call(node, _SDPA) or node.target is torch.ops.attnfx.attention.default:
             result.sdpa.append(node)
@@ -174,7 +199,20 @@ def plan(graph: Graph, sources: set[Node], sites: list[AttentionSite], rule: str
         elif not (_is_call(node, _LINEAR_FN, _LINEAR_METHODS) or _is_view_like(node)):
             result.leaks.append(f"{node.name} ({_describe(node)})")
     _regions(result, region_of, operand_index)
+    if rule == "direct":
+        _not_linear_once_frozen(result)
     return result
+
+
+def _not_linear_once_frozen(result: Plan) -> None:
+    """Under "direct", what a relevance rule would rewrite on the live path makes it nonlinear:
+    each is a leak, rewritten by nothing."""
+    what = [f"{n.name} (attention, its q, k or v not cut)" for n in result.sdpa]
+    what += [f"{n.name} ({_describe(n)}: a product of activations)" for n, _ in result.products]
+    what += [f"{n.name} ({_describe(n)})" for n, _ in result.activations]
+    what += [f"{out.name} ({_describe(out)})" for _, out in result.regions]
+    result.leaks += what
+    result.sdpa, result.products, result.activations, result.regions = [], [], [], []
 
 
 def _elementwise(node: Node, operands, roots: dict, region_of: dict, result: Plan) -> None:

@@ -131,6 +131,15 @@ def find_final_norm(graph: Graph) -> FinalNorm | None:
                      b_u, post, cap)
 
 
+def unembedding_width(graph: Graph) -> int | None:
+    """How many logits the graph's unembedding makes (W_U's vocabulary side), None without one."""
+    norm = find_final_norm(graph)
+    shape = _shape(norm.unembed_weight) if norm is not None else None
+    if shape is None:
+        return None
+    return int(shape[0] if norm.unembed_layout == "out_in" else shape[-1])
+
+
 def final_norm_info(graph: Graph, sites, names: dict, keys: list):
     """FinalNormInfo of the graph (None without an unembedding): nodes named by `names`
     (placeholder → parameter name), sites by `keys` ((module path, occurrence), per site)."""

@@ -40,7 +40,9 @@ def rewrite(gm: GraphModule, sites: list[tuple[int, AttentionSite]], spec: Spec,
     if spec.touches() and spec.rule != "gradient":
         output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
         model_outputs = [a for a in output.args[0][:len(output.args[0]) - len(out.record_keys)] if isinstance(a, Node)]
-        plan = lrp_plan.plan(gm.graph, lrp_plan.activation_sources(gm.graph, user_inputs), found, spec.rule, model_outputs)
+        hidden = [node for node in blocks.mlp_hidden or () if node is not None]
+        plan = lrp_plan.plan(gm.graph, lrp_plan.activation_sources(gm.graph, user_inputs), found, spec.rule,
+                             model_outputs, branch_reads=hidden)
         out.lrp_rewrites = lrp.apply(gm, plan, spec.rule, rule_ops=rule_ops)
         out.leaks = plan.leaks
     gm.graph.lint()

@@ -23,7 +23,7 @@ from torch.fx import GraphModule, Node
 from ..graph.lrp_plan import Plan
 from ..ops import lrp_rules
 from ..graph.sites import _is_call, example_value
-from ._build import call
+from ._build import call, right_after
 
 LRP_EPS = 1e-10          # sign-aware stabiliser of f(x)/x: relevance error ≈ ε·|grad|, negligible in fp32
 ATTENTION_GRAD = (0.25, 0.25, 0.5)      # q, k, v: uniform rule on QKᵀ (½) and on A·V (½)
@@ -35,6 +35,10 @@ def apply(gm: GraphModule, plan: Plan, rule: str, *, rule_ops: bool = True) -> i
     activation and norm rules as plain torch ops instead of attnfx's rule ops, so that Inductor
     can fuse them and recompute them in the backward rather than save what an opaque op returns."""
     g = gm.graph
+    for node in plan.cuts:                          # "direct": a branch reads the stream held constant
+        with g.inserting_before(right_after(node)):
+            frozen = call(g, "detach", node)
+        node.replace_all_uses_with(frozen, delete_user_cb=lambda user: user is not frozen)
     for norm in plan.norms:
         _norm(g, norm, rule_ops)
     for node in plan.sdpa:
@@ -52,7 +56,8 @@ def apply(gm: GraphModule, plan: Plan, rule: str, *, rule_ops: bool = True) -> i
         _swap(g, node, new)
     for root, out in plan.regions:
         _identity_region(g, root, out)
-    return len(plan.norms) + len(plan.sdpa) + len(plan.products) + len(plan.activations) + len(plan.regions)
+    return (len(plan.cuts) + len(plan.norms) + len(plan.sdpa) + len(plan.products) + len(plan.activations)
+            + len(plan.regions))
 
 
 # Under Inductor the rules are autograd functions over plain torch ops (the ops' references):

@@ -141,6 +141,7 @@ class Probing:
         self.touched: dict[str, set[int]] = {}
         self.captures: dict[str, dict[int, torch.Tensor]] = {}
         self.leaks: list[str] = []
+        self.graphs_run, self.unembeddings = 0, set()     # graphs with attention run; unembedding widths
 
     def __enter__(self):
         im = self._im
@@ -162,6 +163,7 @@ class Probing:
     def _collect(self, ctx) -> None:
         self.touched = {kind: set(layers) for kind, layers in ctx.probed.items()}
         self.leaks = list(dict.fromkeys(ctx.leaks))
+        self.graphs_run, self.unembeddings = ctx.graphs_run, set(ctx.unembeddings)
         self.captures = {}
         for key, tensor in ctx.records:
             if key.kind.startswith("capture:"):

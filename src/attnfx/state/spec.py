@@ -32,6 +32,9 @@ POSITION_STATE = ("where_index", "where_all", "where_offset", "at_q_scale", "at_
 NONE = -(2 ** 40)           # a where_index entry that matches no position, even after adding a length
 # Backward rules of the lrp pass: AttnLRP, CP-LRP (q, k detached), or the plain gradient.
 RULES = ("attnlrp", "cp-lrp", "gradient")
+# And one that is no relevance rule: the gradient along the residual stream alone, every branch's
+# reads held constant and every norm's σ frozen (direct logit attribution across graphs).
+DIRECT = "direct"
 
 
 @dataclass(frozen=True)
@@ -66,8 +69,8 @@ class Spec:
         unknown = sorted(set(self.vectors) - set(VECTOR_KINDS))
         if unknown:
             raise ValueError(f"unknown steering vector kind(s) {unknown}; expected any of {VECTOR_KINDS}")
-        if self.rule not in RULES:
-            raise ValueError(f"unknown rule {self.rule!r}; expected one of {RULES}")
+        if self.rule not in RULES + (DIRECT,):
+            raise ValueError(f"unknown rule {self.rule!r}; expected one of {RULES + (DIRECT,)}")
         if self.capture_at and not self.captures:
             raise ValueError("capture_at selects positions of captures: name the captured kinds")
         if "contrib" in self.records and not self.contrib_heads:
